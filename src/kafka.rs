@@ -1,0 +1,157 @@
+//! librdkafka plumbing: client configs, and turning a consumed message into an owned [`Record`].
+//!
+//! Consumers read with `isolation.level=read_committed`, manual offset commits and
+//! cooperative-sticky assignment; any `kafka.*` property passes through on top.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::message::{BorrowedMessage, Message};
+
+use crate::config::Config;
+use crate::protocol::Record;
+
+/// Properties every client gets: brokers, then the user's `kafka.*` table.
+pub fn base_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    c.set("client.id", "txn-sidecar");
+    for (k, v) in &cfg.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Consumer properties: the guarantees depend on these, so users cannot override the
+/// owned ones (config validation rejects them).
+pub fn consumer_config(cfg: &Config) -> ClientConfig {
+    let mut c = base_config(cfg);
+    c.set("group.id", &cfg.group);
+    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.offset.store", "false");
+    c.set("isolation.level", "read_committed");
+    let kip848 = cfg.kafka.get("group.protocol").map(String::as_str) == Some("consumer");
+    if !cfg.kafka.contains_key("partition.assignment.strategy") && !kip848 {
+        c.set("partition.assignment.strategy", "cooperative-sticky");
+    }
+    if !cfg.kafka.contains_key("auto.offset.reset") {
+        // A new group must not skip transactions already in the topic.
+        c.set("auto.offset.reset", "earliest");
+    }
+    if !cfg.kafka.contains_key("statistics.interval.ms") {
+        c.set("statistics.interval.ms", "5000");
+    }
+    c
+}
+
+/// Producer properties for the dead-letter topic: idempotent, all acks.
+pub fn dlq_producer_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    c.set("client.id", "txn-sidecar-dlq");
+    for (k, v) in &cfg.kafka {
+        if is_producer_safe(k) {
+            c.set(k, v);
+        }
+    }
+    c.set("enable.idempotence", "true");
+    c.set("acks", "all");
+    c
+}
+
+/// Consumer-only properties make a producer log warnings; keep the shared ones
+/// (security, timeouts, client tuning).
+fn is_producer_safe(key: &str) -> bool {
+    const CONSUMER_ONLY: &[&str] = &[
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "partition.assignment.strategy",
+        "group.protocol",
+        "group.instance.id",
+        "group.remote.assignor",
+        "auto.offset.reset",
+        "fetch.min.bytes",
+        "fetch.max.bytes",
+        "fetch.wait.max.ms",
+        "fetch.message.max.bytes",
+        "max.partition.fetch.bytes",
+        "queued.min.messages",
+        "queued.max.messages.kbytes",
+        "enable.partition.eof",
+        "check.crcs",
+        "statistics.interval.ms",
+        "coordinator.query.interval.ms",
+        "auto.commit.interval.ms",
+    ];
+    !CONSUMER_ONLY.contains(&key)
+}
+
+/// Copies a consumed message into an owned record.
+pub fn to_record(msg: &BorrowedMessage<'_>) -> Record {
+    Record {
+        offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        headers: raw_headers(msg),
+    }
+}
+
+/// Reads headers with their names as raw bytes.
+///
+/// rdkafka's safe accessor unwraps the header name as UTF-8 and so panics on a record
+/// whose header name is not, which would turn one bad record into a crash loop. This
+/// reads the same C API without that assumption.
+#[allow(unsafe_code)]
+fn raw_headers(msg: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    use rdkafka::bindings as rd;
+    use std::ffi::CStr;
+    let mut out = Vec::new();
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `msg.ptr()` is a live message owned by the consumer for the borrow's
+    // lifetime; librdkafka returns a headers pointer owned by that message (not to be
+    // freed) or an error when there are none.
+    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs) };
+    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
+        return out;
+    }
+    // SAFETY: `hdrs` is valid while `msg` is borrowed.
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    for idx in 0..count {
+        let mut name: *const std::os::raw::c_char = std::ptr::null();
+        let mut value: *const std::os::raw::c_void = std::ptr::null();
+        let mut size: usize = 0;
+        // SAFETY: idx < count; out-pointers are valid locals.
+        let err = unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            continue;
+        }
+        // SAFETY: librdkafka stores header names NUL-terminated; the value is `size`
+        // bytes or NULL, both alive while `msg` is borrowed.
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+        let value = if value.is_null() {
+            None
+        } else {
+            Some(unsafe { std::slice::from_raw_parts(value as *const u8, size) }.to_vec())
+        };
+        out.push((name, value));
+    }
+    out
+}
+
+/// Reads the metadata of a committed-offsets entry without rdkafka's UTF-8 `expect`,
+/// which panics when another client stored non-UTF-8 metadata for the group.
+pub fn safe_metadata(elem: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>) -> String {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_string())).unwrap_or_default()
+}
+
+/// Partition assignment protocol of a consumer, for logs.
+pub fn protocol_name<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> &'static str {
+    use rdkafka::consumer::{Consumer, RebalanceProtocol};
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => "cooperative",
+        RebalanceProtocol::Eager => "eager",
+        RebalanceProtocol::None => "none",
+    }
+}

@@ -1,0 +1,188 @@
+//! # txn-sidecar
+//!
+//! Kafka multi-message transactions for any application. Producers write **task**
+//! records that share a transaction id, then a **commit** (or **abort**) marker; the
+//! sidecar stages tasks per id and, on commit, POSTs the whole group in order to the app.
+//!
+//! ## Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | settings: defaults < TOML file < `TXN_SIDECAR_*` env < flags, validated once |
+//! | [`protocol`] | the Kafka-side wire contract: record → task / commit / abort |
+//! | [`staging`] | the store of open transactions, behind the [`staging::StagingStore`] trait |
+//! | [`offsets`] | safe offsets and the skip set carried in offset-commit metadata |
+//! | [`pipeline`] | the consumer thread, per-partition delivery workers, rebalances, back-pressure, expiry |
+//! | [`kafka`] | librdkafka client configs and record conversion |
+//! | [`delivery`] | the HTTP-side wire contract, retries and backoff |
+//! | [`dlq`] | the dead-letter topic writer |
+//! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/v1/*` |
+//! | [`telemetry`] | Prometheus metrics and `tracing` setup |
+//! | [`shutdown`] | signals and deadline-bounded draining |
+//! | [`produce`] | writing a transaction (tasks + commit) inside a Kafka transaction |
+//! | [`embedded`] | librdkafka's mock cluster as an embedded Kafka, for the demo and tests |
+//! | [`sample_app`] | a tiny app that prints what it receives, for the demo and compose |
+//! | [`demo`] | `txn-sidecar demo`: everything in one process |
+//!
+//! The entry point is [`start`] (or [`run`]), which takes its shutdown signal as a
+//! parameter so tests drive it.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod dlq;
+pub mod embedded;
+pub mod kafka;
+pub mod offsets;
+pub mod pipeline;
+pub mod produce;
+pub mod protocol;
+pub mod sample_app;
+pub mod shutdown;
+pub mod staging;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use telemetry::Metrics;
+
+/// Why the sidecar could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A Kafka client could not be created.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The admin server could not bind.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    /// The consumer loop failed.
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    /// The consumer thread died.
+    #[error("consumer thread ended unexpectedly")]
+    ThreadLost,
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    admin_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    admin_stop: CancellationToken,
+    tracker: TaskTracker,
+    consumer: tokio::sync::oneshot::Receiver<Result<(), pipeline::PipelineError>>,
+    grace: Duration,
+}
+
+impl Sidecar {
+    /// Where the admin server listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// The token that stops this sidecar.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Waits for the sidecar to stop (after [`Sidecar::shutdown`] or a fatal error).
+    pub async fn wait(self) -> Result<(), RunError> {
+        let result = match self.consumer.await {
+            Ok(r) => r.map_err(RunError::from),
+            Err(_) => Err(RunError::ThreadLost),
+        };
+        self.stop.cancel();
+        self.admin_stop.cancel();
+        shutdown::wait_tasks(&self.tracker, "workers and admin", self.grace.max(Duration::from_secs(5))).await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Starts the sidecar: admin server, delivery workers and the consumer thread.
+pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
+    let cfg = Arc::new(cfg);
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let deliverer = delivery::Deliverer::new(&cfg, metrics.clone())?;
+    let dlq = dlq::DeadLetterWriter::new(cfg.clone())?;
+    let snapshot = Arc::new(Mutex::new(admin::Snapshot::default()));
+    let probe = cfg.app.health_url.clone().unwrap_or_else(|| cfg.app.url.clone());
+    let admin = admin::serve(
+        cfg.admin.addr,
+        snapshot.clone(),
+        metrics.clone(),
+        deliverer.client().clone(),
+        probe,
+        admin_stop.clone(),
+        &tracker,
+    )
+    .await?;
+    tracing::info!(kafka = ?cfg.redacted_kafka(), app = %cfg.app.url, protocol = cfg.protocol.as_str(), "starting");
+    let engine = pipeline::Engine::new(
+        cfg.clone(),
+        metrics.clone(),
+        deliverer,
+        dlq,
+        tokio::runtime::Handle::current(),
+        tracker.clone(),
+        snapshot,
+    );
+    let engine = Arc::new(Mutex::new(engine));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_cfg = cfg.clone();
+    let thread_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("txn-sidecar-consumer".into())
+        .spawn(move || {
+            let r = pipeline::consume(&thread_cfg, engine, thread_stop);
+            let _ = tx.send(r);
+        })
+        .map_err(|_| RunError::ThreadLost)?;
+    Ok(Sidecar {
+        admin_addr: admin.addr,
+        metrics,
+        stop,
+        admin_stop,
+        tracker,
+        consumer: rx,
+        grace: cfg.shutdown_grace,
+    })
+}
+
+/// Runs until `shutdown` resolves, then drains and leaves the group.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let sidecar = start(cfg).await?;
+    let token = sidecar.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.await;
+        token.cancel();
+    });
+    sidecar.wait().await
+}

@@ -1,0 +1,331 @@
+//! Safe offsets and the skip set: what may be committed, and what a new owner must not redo.
+//!
+//! The committed offset of a partition is the first offset of its oldest unfinished
+//! transaction (staged, queued, in delivery or awaiting its dead-letter write), or the
+//! next offset to consume when none is unfinished. Transactions finished *above* that
+//! offset would be replayed by the next owner, so their commit-marker offsets travel in
+//! the offset commit's metadata string and the next owner skips exactly those.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Prefix of the metadata string, versioned so a future format can coexist.
+const METADATA_PREFIX: &str = "txs1:";
+
+/// Brokers reject metadata above `offset.metadata.max.bytes` (4096 by default).
+pub const MAX_METADATA_BYTES: usize = 3900;
+
+/// Offset bookkeeping of one partition.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetTracker {
+    /// First offsets of unfinished work, with multiplicity.
+    pending: BTreeMap<i64, u32>,
+    /// Next offset to consume (last consumed + 1).
+    next: Option<i64>,
+    /// Offsets whose handling is complete: commit markers of delivered or dead-lettered
+    /// transactions and single dead-lettered records. Includes the set loaded on assign.
+    finished: BTreeSet<i64>,
+    /// Last offset handed to a commit.
+    committed: Option<i64>,
+}
+
+/// What to commit for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPoint {
+    /// Offset to commit.
+    pub offset: i64,
+    /// Metadata carrying the skip set.
+    pub metadata: String,
+    /// Finished offsets that did not fit into the metadata (they will be redelivered).
+    pub dropped: usize,
+}
+
+impl OffsetTracker {
+    /// A tracker for a partition just assigned, with the skip set from its committed metadata.
+    pub fn assigned(committed: Option<i64>, metadata: &str) -> OffsetTracker {
+        let finished = match committed {
+            Some(base) => decode_metadata(base, metadata),
+            None => BTreeSet::new(),
+        };
+        OffsetTracker {
+            pending: BTreeMap::new(),
+            next: None,
+            finished,
+            committed,
+        }
+    }
+
+    /// Notes that `offset` was consumed.
+    pub fn consumed(&mut self, offset: i64) {
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Whether the record at `offset` was already handled by an earlier owner or session.
+    pub fn is_finished(&self, offset: i64) -> bool {
+        self.finished.contains(&offset)
+    }
+
+    /// Holds the committed offset at or below `first_offset` until [`Self::release`].
+    pub fn hold(&mut self, first_offset: i64) {
+        *self.pending.entry(first_offset).or_insert(0) += 1;
+    }
+
+    /// Releases one hold at `first_offset`.
+    pub fn release(&mut self, first_offset: i64) {
+        if let Some(n) = self.pending.get_mut(&first_offset) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(&first_offset);
+            }
+        }
+    }
+
+    /// Records that the work ending at `offset` is complete and must not be redone.
+    pub fn finish(&mut self, offset: i64) {
+        self.finished.insert(offset);
+    }
+
+    /// The offset a commit may carry now, if anything was consumed or committed.
+    pub fn safe_offset(&self) -> Option<i64> {
+        match (self.pending.keys().next(), self.next) {
+            (Some(&p), Some(n)) => Some(p.min(n)),
+            (Some(&p), None) => Some(p),
+            (None, Some(n)) => Some(n),
+            (None, None) => self.committed,
+        }
+    }
+
+    /// Next offset to consume, if any record was consumed.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next
+    }
+
+    /// Last committed offset known to this tracker.
+    pub fn committed(&self) -> Option<i64> {
+        self.committed
+    }
+
+    /// The commit to send now, or `None` when nothing changed since the last one.
+    pub fn commit_point(&mut self) -> Option<CommitPoint> {
+        let offset = self.safe_offset()?;
+        // Entries below the safe offset will never be read again by anyone.
+        self.finished = self.finished.split_off(&offset);
+        let (metadata, dropped) = encode_metadata(offset, &self.finished);
+        if self.committed == Some(offset) && dropped == 0 && !self.finished_changed_since_commit() {
+            return None;
+        }
+        Some(CommitPoint {
+            offset,
+            metadata,
+            dropped,
+        })
+    }
+
+    /// The commit to send regardless of change (on revoke and shutdown).
+    pub fn final_commit_point(&mut self) -> Option<CommitPoint> {
+        let offset = self.safe_offset()?;
+        self.finished = self.finished.split_off(&offset);
+        let (metadata, dropped) = encode_metadata(offset, &self.finished);
+        Some(CommitPoint {
+            offset,
+            metadata,
+            dropped,
+        })
+    }
+
+    fn finished_changed_since_commit(&self) -> bool {
+        // Cheap approximation: any finished entry at or above the committed offset may be
+        // new; committing again is harmless, losing the entry would cost a duplicate.
+        !self.finished.is_empty()
+    }
+
+    /// Records that `point` was committed.
+    pub fn committed_at(&mut self, offset: i64) {
+        self.committed = Some(offset);
+    }
+
+    /// How many records a crash now would replay (consumed offset − committed offset).
+    pub fn replay_cost(&self) -> i64 {
+        match (self.next, self.committed) {
+            (Some(n), Some(c)) => (n - c).max(0),
+            _ => 0,
+        }
+    }
+}
+
+/// Encodes the finished offsets ≥ `base` as deltas: `txs1:d1,d2,...` where d1 = o1 − base.
+/// Keeps the lowest offsets that fit, since the next owner reaches those first; the
+/// count of those that did not fit is returned (they are redelivered, never lost).
+pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
+    let mut out = String::from(METADATA_PREFIX);
+    let mut prev = base;
+    let mut written = 0;
+    for &o in finished.range(base..) {
+        let piece = format!("{}{}", if written == 0 { "" } else { "," }, o - prev);
+        if out.len() + piece.len() > MAX_METADATA_BYTES {
+            break;
+        }
+        out.push_str(&piece);
+        prev = o;
+        written += 1;
+    }
+    let total = finished.range(base..).count();
+    (out, total - written)
+}
+
+/// Decodes metadata written by [`encode_metadata`]. Anything else (another tool's
+/// metadata, garbage) yields an empty set: skipping less is safe, skipping wrongly is not.
+pub fn decode_metadata(base: i64, metadata: &str) -> BTreeSet<i64> {
+    let mut set = BTreeSet::new();
+    let Some(body) = metadata.strip_prefix(METADATA_PREFIX) else {
+        return set;
+    };
+    if body.is_empty() {
+        return set;
+    }
+    let mut prev = base;
+    for part in body.split(',') {
+        match part.parse::<i64>() {
+            Ok(d) if d >= 0 => match prev.checked_add(d) {
+                Some(o) => {
+                    set.insert(o);
+                    prev = o;
+                }
+                None => return BTreeSet::new(),
+            },
+            _ => return BTreeSet::new(),
+        }
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn safe_offset_stays_at_the_oldest_open_transaction() {
+        let mut t = OffsetTracker::assigned(None, "");
+        t.consumed(0);
+        t.hold(0); // txn a opens at 0
+        t.consumed(1);
+        t.hold(1); // txn b opens at 1
+        t.consumed(2); // b commits at 2
+        t.release(1);
+        t.finish(2);
+        assert_eq!(t.safe_offset(), Some(0));
+        let cp = t.commit_point().unwrap();
+        assert_eq!(cp.offset, 0);
+        assert_eq!(cp.metadata, "txs1:2");
+        t.consumed(3);
+        t.release(0);
+        t.finish(3);
+        assert_eq!(t.safe_offset(), Some(4));
+        assert_eq!(t.commit_point().unwrap().metadata, "txs1:");
+    }
+
+    #[test]
+    fn metadata_round_trips_and_rejects_garbage() {
+        let set: BTreeSet<i64> = [10, 12, 30].into_iter().collect();
+        let (m, dropped) = encode_metadata(5, &set);
+        assert_eq!((m.as_str(), dropped), ("txs1:5,2,18", 0));
+        assert_eq!(decode_metadata(5, &m), set);
+        assert!(decode_metadata(5, "something-else").is_empty());
+        assert!(decode_metadata(5, "txs1:1,x").is_empty());
+        assert!(decode_metadata(5, "txs1:-1").is_empty());
+    }
+
+    #[test]
+    fn metadata_that_does_not_fit_drops_the_highest_offsets() {
+        let set: BTreeSet<i64> = (0..5000).map(|i| i * 1000).collect();
+        let (m, dropped) = encode_metadata(0, &set);
+        assert!(m.len() <= MAX_METADATA_BYTES);
+        assert!(dropped > 0);
+        let back = decode_metadata(0, &m);
+        assert_eq!(back.len() + dropped, set.len());
+        assert!(back.iter().all(|o| set.contains(o)));
+        assert_eq!(back.iter().next_back(), set.iter().nth(back.len() - 1));
+    }
+
+    /// A model of one partition: transactions open at some offset and commit later;
+    /// deliveries complete in any order; commits happen at any point; then a new owner
+    /// replays from the committed offset with the committed skip set.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Open,
+        Commit(usize),
+        Deliver(usize),
+        CommitOffsets,
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => Just(Step::Open),
+                3 => (0usize..8).prop_map(Step::Commit),
+                3 => (0usize..8).prop_map(Step::Deliver),
+                1 => Just(Step::CommitOffsets),
+            ],
+            1..60,
+        )
+    }
+
+    proptest! {
+        /// The skip set never hides a transaction that was not delivered, and the safe
+        /// offset never passes the first record of an undelivered transaction.
+        #[test]
+        fn skip_set_never_hides_an_undelivered_transaction(steps in steps()) {
+            let mut t = OffsetTracker::assigned(None, "");
+            let mut next = 0i64;
+            // (first offset, commit offset, delivered)
+            let mut txns: Vec<(i64, Option<i64>, bool)> = Vec::new();
+            let mut last_commit: Option<CommitPoint> = None;
+            for s in steps {
+                match s {
+                    Step::Open => {
+                        t.consumed(next);
+                        t.hold(next);
+                        txns.push((next, None, false));
+                        next += 1;
+                    }
+                    Step::Commit(i) => {
+                        let open: Vec<usize> = (0..txns.len()).filter(|&j| txns[j].1.is_none()).collect();
+                        if let Some(&j) = open.get(i % open.len().max(1)) {
+                            t.consumed(next);
+                            txns[j].1 = Some(next);
+                            next += 1;
+                        }
+                    }
+                    Step::Deliver(i) => {
+                        let ready: Vec<usize> = (0..txns.len()).filter(|&j| txns[j].1.is_some() && !txns[j].2).collect();
+                        if let Some(&j) = ready.get(i % ready.len().max(1)) {
+                            txns[j].2 = true;
+                            t.release(txns[j].0);
+                            t.finish(txns[j].1.unwrap());
+                        }
+                    }
+                    Step::CommitOffsets => {
+                        if let Some(cp) = t.commit_point() {
+                            t.committed_at(cp.offset);
+                            last_commit = Some(cp);
+                        }
+                    }
+                }
+            }
+            let Some(cp) = last_commit else { return Ok(()); };
+            let skip = decode_metadata(cp.offset, &cp.metadata);
+            for (first, commit, delivered) in &txns {
+                if !delivered {
+                    // Never lost: an undelivered transaction is replayed whole...
+                    prop_assert!(*first >= cp.offset, "offset {} passed undelivered txn at {}", cp.offset, first);
+                    // ...and its marker is not skipped.
+                    if let Some(c) = commit { prop_assert!(!skip.contains(c)); }
+                }
+            }
+            // Every skipped offset is the marker of a delivered transaction.
+            for o in &skip {
+                prop_assert!(txns.iter().any(|(_, c, d)| *d && *c == Some(*o)));
+            }
+        }
+    }
+}
