@@ -1,0 +1,315 @@
+//! Shared test fixtures: an embedded Kafka (librdkafka's mock cluster on real TCP), a
+//! recording HTTP app on a loopback port, and condition waits with deadlines.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use txn_sidecar::config::{Config, Sources};
+use txn_sidecar::embedded::{EmbeddedKafka, FAST_GROUP_PROPERTIES};
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; panics with `what` then.
+pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An embedded Kafka plus a producer for writing test records.
+pub struct Kafka {
+    pub inner: EmbeddedKafka,
+    pub brokers: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl Kafka {
+    pub fn start(topics: &[(&str, i32)]) -> Kafka {
+        let inner = EmbeddedKafka::start(1).expect("mock cluster");
+        for (t, p) in topics {
+            inner.create_topic(t, *p).expect("create topic");
+        }
+        let brokers = inner.bootstrap_servers();
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        Kafka { inner, brokers, producer }
+    }
+
+    /// Writes one record to an explicit partition and waits for the ack.
+    pub fn send(&self, topic: &str, partition: i32, key: Option<&[u8]>, headers: &[(&str, &[u8])], value: Option<&[u8]>) {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(*v) });
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).headers(h);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        self.producer.send(rec).map_err(|(e, _)| e).expect("send");
+        self.producer.flush(Duration::from_secs(10)).expect("flush");
+    }
+
+    /// Headers-protocol task.
+    pub fn task(&self, topic: &str, partition: i32, id: &str, value: &str) {
+        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"task")], Some(value.as_bytes()));
+    }
+
+    /// Headers-protocol commit.
+    pub fn commit(&self, topic: &str, partition: i32, id: &str) {
+        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"commit")], None);
+    }
+
+    /// Headers-protocol abort.
+    pub fn abort(&self, topic: &str, partition: i32, id: &str) {
+        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"abort")], None);
+    }
+
+    /// The committed offset and metadata of `group` for `topic`/`partition`.
+    pub fn committed(&self, group: &str, topic: &str, partition: i32) -> (Option<i64>, String) {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let r = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let el = r.find_partition(topic, partition).expect("partition");
+        let off = match el.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        (off, el.metadata().to_string())
+    }
+
+    /// Every record in `topic`/`partition` from the start, as (key, headers, value).
+    pub fn read_all(&self, topic: &str, partition: i32, expect: usize) -> Vec<ReadRecord> {
+        use rdkafka::message::{Headers, Message};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.len() < expect && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let mut headers = BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for i in 0..h.count() {
+                        let hh = h.get(i);
+                        headers.insert(hh.key.to_string(), String::from_utf8_lossy(hh.value.unwrap_or_default()).into_owned());
+                    }
+                }
+                out.push(ReadRecord {
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    headers,
+                    value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub value: Option<String>,
+}
+
+/// A config for tests: fast group timing, quick commits, admin on a free port.
+pub fn config(brokers: &str, topic: &str, app_url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut s = Sources::default();
+    for (k, v) in [
+        ("brokers", brokers),
+        ("topic", topic),
+        ("group", "test-group"),
+        ("app.url", app_url),
+        ("admin.addr", "127.0.0.1:0"),
+        ("commit_interval", "200ms"),
+        ("log_format", "text"),
+        ("retry.initial_backoff", "20ms"),
+        ("retry.max_backoff", "200ms"),
+    ] {
+        s.flags.insert(k.into(), v.into());
+    }
+    for (k, v) in FAST_GROUP_PROPERTIES {
+        s.flags.insert(format!("kafka.{k}"), v.to_string());
+    }
+    for (k, v) in extra {
+        s.flags.insert(k.to_string(), v.to_string());
+    }
+    Config::load(&s).expect("valid test config")
+}
+
+/// One request the app received.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub idempotency_key: String,
+    pub txn_id_header: String,
+    pub traceparent: Option<String>,
+    pub body: serde_json::Value,
+    pub at: Instant,
+}
+
+impl Got {
+    pub fn id(&self) -> &str {
+        self.body["id"].as_str().unwrap_or_default()
+    }
+    pub fn task_values(&self) -> Vec<serde_json::Value> {
+        self.body["tasks"].as_array().cloned().unwrap_or_default().into_iter().map(|t| t["value"].clone()).collect()
+    }
+    pub fn task_offsets(&self) -> Vec<i64> {
+        self.body["tasks"].as_array().cloned().unwrap_or_default().iter().map(|t| t["offset"].as_i64().unwrap()).collect()
+    }
+}
+
+/// A scripted answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub delay: Duration,
+    pub retry_after: Option<String>,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Answer {
+        Answer { status, delay: Duration::ZERO, retry_after: None }
+    }
+}
+
+#[derive(Default)]
+struct AppInner {
+    /// Every request, including non-2xx ones.
+    attempts: Vec<Got>,
+    /// Requests answered 2xx.
+    accepted: Vec<Got>,
+    script: VecDeque<Answer>,
+    default: Option<Answer>,
+}
+
+/// A real HTTP server on a loopback port that records every transaction.
+#[derive(Clone)]
+pub struct RecordingApp {
+    inner: Arc<Mutex<AppInner>>,
+    pub addr: SocketAddr,
+}
+
+impl RecordingApp {
+    pub async fn start() -> RecordingApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = RecordingApp { inner: Arc::default(), addr };
+        let router = Router::new()
+            .route("/transactions", post(receive))
+            .route("/transactions", get(|| async { "ok" }))
+            .with_state(app.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        app
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/transactions", self.addr)
+    }
+
+    /// Answers the next requests with `answers`, in order.
+    pub fn script(&self, answers: Vec<Answer>) {
+        self.inner.lock().unwrap().script.extend(answers);
+    }
+
+    /// Answers every unscripted request with `a` (None = 200).
+    pub fn set_default(&self, a: Option<Answer>) {
+        self.inner.lock().unwrap().default = a;
+    }
+
+    pub fn accepted(&self) -> Vec<Got> {
+        self.inner.lock().unwrap().accepted.clone()
+    }
+
+    pub fn attempts(&self) -> Vec<Got> {
+        self.inner.lock().unwrap().attempts.clone()
+    }
+
+    pub fn accepted_ids(&self) -> Vec<String> {
+        self.accepted().iter().map(|g| g.id().to_string()).collect()
+    }
+
+    pub async fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<Got> {
+        let me = self.clone();
+        wait_until(timeout, &format!("{n} accepted transactions"), move || me.accepted().len() >= n).await;
+        self.accepted()
+    }
+}
+
+async fn receive(State(app): State<RecordingApp>, headers: HeaderMap, body: Bytes) -> Response {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let got = Got {
+        idempotency_key: h("idempotency-key").unwrap_or_default(),
+        txn_id_header: h("x-txn-id").unwrap_or_default(),
+        traceparent: h("traceparent"),
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        at: Instant::now(),
+    };
+    let answer = {
+        let mut inner = app.inner.lock().unwrap();
+        inner.attempts.push(got.clone());
+        inner.script.pop_front().or_else(|| inner.default.clone())
+    };
+    let answer = answer.unwrap_or(Answer::status(200));
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    if (200..300).contains(&answer.status) || answer.status == 409 {
+        app.inner.lock().unwrap().accepted.push(got);
+    }
+    let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
+    if let Some(ra) = answer.retry_after {
+        resp.headers_mut().insert("retry-after", ra.parse().unwrap());
+    }
+    resp
+}
+
+/// GETs a path of the admin server.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// Value of one sample line of a Prometheus exposition (`name{labels}` exactly as printed).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
