@@ -48,12 +48,18 @@ impl Kafka {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("linger.ms", "0")
+            .set("enable.idempotence", "true")
             .create()
             .expect("producer");
         Kafka { inner, brokers, producer }
     }
 
-    /// Writes one record to an explicit partition and waits for the ack.
+    /// Waits until every record sent so far is acknowledged.
+    pub fn flush(&self) {
+        self.producer.flush(Duration::from_secs(10)).expect("flush");
+    }
+
+    /// Queues one record for an explicit partition (idempotent producer: order is kept).
     pub fn send(&self, topic: &str, partition: i32, key: Option<&[u8]>, headers: &[(&str, &[u8])], value: Option<&[u8]>) {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
@@ -67,7 +73,6 @@ impl Kafka {
             rec = rec.payload(v);
         }
         self.producer.send(rec).map_err(|(e, _)| e).expect("send");
-        self.producer.flush(Duration::from_secs(10)).expect("flush");
     }
 
     /// Headers-protocol task.

@@ -34,14 +34,40 @@ SASL_ENV = ("TXN_SIDECAR_KAFKA_SASL_USERNAME", "TXN_SIDECAR_KAFKA_SASL_PASSWORD"
 # product does not have.
 TOML_TOP_KEYS = {
     "brokers", "topic", "group", "protocol", "dlq_topic", "txn_timeout",
-    "on_failure", "shutdown_grace", "log_format", "app", "admin", "kafka",
+    "on_failure", "shutdown_grace", "log_format", "app", "admin", "limits", "kafka",
 }
-TOML_TABLE_KEYS = {"app": {"url"}, "admin": {"addr"}}
+TOML_TABLE_KEYS = {"app": {"url"}, "admin": {"addr"}, "limits": {"max_staged_bytes"}}
 ENUMS = {
     "protocol": {"headers", "key-prefix"},
     "on_failure": {"dead-letter", "block"},
     "log_format": {"json", "text"},
 }
+
+_SIZE = re.compile(r"([0-9]+)(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_SCALE = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_QUANTITY = re.compile(r"([0-9]+)(Ki|Mi|Gi|k|M|G)?")
+_QUANTITY_SCALE = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
+
+# Product defaults (src/config.rs) that bound the sidecar's memory.
+DEFAULT_MAX_STAGED_BYTES = 512 * 2**20
+MAX_TXN_BYTES = 64 * 2**20
+# librdkafka's queued.max.messages.kbytes default: the consumer's prefetch.
+LIBRDKAFKA_PREFETCH_BYTES = 64 * 2**20
+
+
+def size_bytes(text: str | int) -> int:
+    """Bytes in a txn-sidecar size ("128MiB", "1048576")."""
+    m = _SIZE.fullmatch(str(text))
+    assert m, f"not a size: {text!r}"
+    return int(m.group(1)) * _SIZE_SCALE[m.group(2)]
+
+
+def quantity_bytes(text: str | int) -> int:
+    """Bytes in a Kubernetes memory quantity ("512Mi")."""
+    m = _QUANTITY.fullmatch(str(text))
+    assert m, f"unsupported quantity: {text!r}"
+    return int(m.group(1)) * _QUANTITY_SCALE[m.group(2)]
+
 
 _DURATION_PART = re.compile(r"([0-9]+)(ns|us|ms|s|m|h|d)")
 _DURATION_SCALE = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -316,10 +342,16 @@ def check_sidecar_pod(
     pod_security = spec.get("securityContext") or {}
     for c in [side, *spec["containers"]]:
         assert_restricted_security(c, pod_security)
-    for c in (side,):
-        res = c.get("resources") or {}
-        assert res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory"), "sidecar memory request+limit"
-        assert res.get("requests", {}).get("cpu"), "sidecar cpu request"
+    res = side.get("resources") or {}
+    assert res.get("requests", {}).get("memory") and res.get("limits", {}).get("memory"), "sidecar memory request+limit"
+    assert res.get("requests", {}).get("cpu"), "sidecar cpu request"
+    # The staged-bytes budget must fit in the memory limit with room for
+    # librdkafka's prefetch and the transaction in delivery, or the kernel
+    # kills the sidecar before back-pressure pauses partitions.
+    staged = size_bytes(config.get("limits", {}).get("max_staged_bytes", DEFAULT_MAX_STAGED_BYTES))
+    need = staged + LIBRDKAFKA_PREFETCH_BYTES + MAX_TXN_BYTES
+    limit = quantity_bytes(res["limits"]["memory"])
+    assert limit > need, f"memory limit {res['limits']['memory']} <= staged budget {staged} + {need - staged}"
     assert spec.get("automountServiceAccountToken") is False
     return config
 

@@ -190,3 +190,13 @@ def test_prometheus_scrapes_the_sidecar(services) -> None:
     assert len(jobs) == 1
     assert jobs[0].get("metrics_path", "/metrics") == "/metrics"
     assert jobs[0].get("scheme", "http") == "http"
+
+
+def test_restart_policies(services) -> None:
+    # The Compose schema types `restart` as any string; Docker accepts only these.
+    for name, service in services.items():
+        if "restart" in service:
+            assert re.fullmatch(r"no|always|unless-stopped|on-failure(:[0-9]+)?", str(service["restart"])), name
+    one_shots = [n for n, s in services.items() if (s.get("command") or [None])[0] == "produce"] + ["create-topics"]
+    for name in one_shots:
+        assert services[name].get("restart", "no") == "no", f"{name} is one-shot"

@@ -165,6 +165,7 @@ def test_default_render_is_a_native_sidecar(renders) -> None:
         "log_format": "json",
         "app": {"url": "http://127.0.0.1:8080/transactions"},
         "admin": {"addr": "0.0.0.0:9464"},
+        "limits": {"max_staged_bytes": "128MiB"},
         "kafka": {},
     }
     check_service(one(docs, "Service"), deployment)
@@ -350,3 +351,29 @@ def test_schema_rejects_bad_values(chart, values_file: Path) -> None:
         else:
             where.add(path)
     assert where == {expected}, [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_product_default_staged_budget_does_not_fit_the_default_memory_limit(chart) -> None:
+    # Why the chart sets maxStagedBytes: with the product default (512 MiB)
+    # the sidecar's 512Mi limit leaves nothing for librdkafka and delivery.
+    values = _values(CHART / "ci" / "defaults-values.yaml")
+    values["sidecar"]["config"]["maxStagedBytes"] = ""
+    docs = _render(chart, values)
+    with pytest.raises(AssertionError, match="memory limit 512Mi"):
+        check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
+    values["sidecar"]["resources"] = {"requests": {"cpu": "50m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
+    docs = _render(chart, values)
+    config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
+    assert "limits" not in config
+
+
+def test_secret_references_pass_through_verbatim(chart) -> None:
+    # ${env:...} / ${file:...} are resolved by txn-sidecar at start, not by Helm.
+    values = _values(CHART / "ci" / "defaults-values.yaml")
+    values["sidecar"]["config"]["kafka"] = {
+        "sasl.username": "${env:KAFKA_USER}",
+        "sasl.password": "${file:/etc/txn-sidecar/secret/password}",
+    }
+    docs = _render(chart, values)
+    config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
+    assert config["kafka"] == values["sidecar"]["config"]["kafka"]

@@ -1,0 +1,77 @@
+//! Rebalances: members joining and leaving mid-stream never cause partial, lost or
+//! duplicate deliveries (graceful handoffs carry the skip set in the commit metadata).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+
+const T: &str = "orders.tx";
+
+fn produce_batch(kafka: &Kafka, from: usize, to: usize) {
+    for i in from..to {
+        let id = format!("tx-{i}");
+        let p = (i % 3) as i32;
+        for k in 0..3 {
+            kafka.task(T, p, &id, &format!("{{\"txn\":{i},\"task\":{k}}}"));
+        }
+        kafka.commit(T, p, &id);
+    }
+    kafka.flush();
+}
+
+fn check_whole(app: &RecordingApp, n: usize) -> usize {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for g in app.accepted() {
+        let id = g.id().to_string();
+        let i: usize = id.trim_start_matches("tx-").parse().unwrap();
+        let expect: Vec<serde_json::Value> = (0..3).map(|k| serde_json::json!({"txn": i, "task": k})).collect();
+        assert_eq!(g.task_values(), expect, "partial or wrong transaction {id}");
+        *seen.entry(id).or_default() += 1;
+    }
+    for i in 0..n {
+        assert!(seen.contains_key(&format!("tx-{i}")), "tx-{i} lost");
+    }
+    seen.values().map(|c| c - 1).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_transactions() {
+    let kafka = Kafka::start(&[(T, 3), ("orders.tx.dlq", 3)]);
+    let app = RecordingApp::start().await;
+    let cfg = || config(&kafka.brokers, T, &app.url(), &[]);
+    let s1 = txn_sidecar::start(cfg()).await.unwrap();
+    produce_batch(&kafka, 0, 60);
+    app.wait_accepted(20, Duration::from_secs(30)).await;
+    // A second member joins while transactions flow.
+    let s2 = txn_sidecar::start(cfg()).await.unwrap();
+    produce_batch(&kafka, 60, 120);
+    let a2 = s2.admin_addr();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let (_, body) = admin_get(a2, "/v1/partitions").await;
+        let parts: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        if !parts.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "second member never got a partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce_batch(&kafka, 120, 180);
+    app.wait_accepted(180, Duration::from_secs(60)).await;
+    assert_eq!(check_whole(&app, 180), 0, "duplicates after a graceful handoff");
+
+    // The first member leaves gracefully; the second takes everything over.
+    s1.shutdown();
+    s1.wait().await.unwrap();
+    produce_batch(&kafka, 180, 240);
+    app.wait_accepted(240, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(check_whole(&app, 240), 0, "duplicates after a graceful leave");
+    let (_, m) = admin_get(a2, "/metrics").await;
+    assert!(metric(&m, "txn_sidecar_rebalances_total{kind=\"assign\"}").unwrap() >= 2.0, "{m}");
+    s2.shutdown();
+    s2.wait().await.unwrap();
+}
