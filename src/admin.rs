@@ -113,7 +113,9 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|error| AdminError::Bind { addr, error })?;
-    let bound = listener.local_addr().map_err(|error| AdminError::Bind { addr, error })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|error| AdminError::Bind { addr, error })?;
     let state = AppState {
         snapshot,
         metrics,
@@ -141,7 +143,10 @@ pub async fn serve(
 
 async fn metrics_handler(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
         .into_response()
@@ -169,7 +174,11 @@ async fn readyz(State(s): State<AppState>) -> Response {
         .await
         .is_ok();
     let ready = joined && app_reachable;
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         code,
         Json(Ready {
@@ -183,11 +192,19 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn partitions(State(s): State<AppState>) -> Response {
-    let v = s.snapshot.lock().map(|s| s.partitions.clone()).unwrap_or_default();
+    let v = s
+        .snapshot
+        .lock()
+        .map(|s| s.partitions.clone())
+        .unwrap_or_default();
     Json(v).into_response()
 }
 
 async fn transactions(State(s): State<AppState>) -> Response {
-    let v = s.snapshot.lock().map(|s| s.transactions.clone()).unwrap_or_default();
+    let v = s
+        .snapshot
+        .lock()
+        .map(|s| s.transactions.clone())
+        .unwrap_or_default();
     Json(v).into_response()
 }

@@ -246,7 +246,10 @@ impl Config {
             out.push_str(&format!("health_url = {}\n", q(h.as_str())));
         }
         out.push_str("\n[retry]\n");
-        out.push_str(&format!("initial_backoff = {}\n", d(self.retry.initial_backoff)));
+        out.push_str(&format!(
+            "initial_backoff = {}\n",
+            d(self.retry.initial_backoff)
+        ));
         out.push_str(&format!("max_backoff = {}\n", d(self.retry.max_backoff)));
         out.push_str(&format!("max_attempts = {}\n", self.retry.max_attempts));
         out.push_str(&format!("max_elapsed = {}\n", d(self.retry.max_elapsed)));
@@ -502,7 +505,8 @@ impl Reader<'_> {
 
     fn fail(&mut self, key: &str, msg: impl Into<String>) {
         let origin = self.origin(key);
-        self.errors.push((key.to_string(), format!("{}{origin}", msg.into())));
+        self.errors
+            .push((key.to_string(), format!("{}{origin}", msg.into())));
     }
 
     fn string(&mut self, key: &str) -> Option<String> {
@@ -556,7 +560,12 @@ impl Reader<'_> {
             Some(Value::String(_, s)) => match humantime::parse_duration(s.trim()) {
                 Ok(d) => d,
                 Err(e) => {
-                    self.fail(key, format!("invalid duration {s:?}: {e} (use e.g. \"500ms\", \"30s\", \"5m\")"));
+                    self.fail(
+                        key,
+                        format!(
+                            "invalid duration {s:?}: {e} (use e.g. \"500ms\", \"30s\", \"5m\")"
+                        ),
+                    );
                     default
                 }
             },
@@ -596,7 +605,10 @@ impl Reader<'_> {
         };
         let topics: Vec<String> = raw.into_iter().filter(|t| !t.is_empty()).collect();
         if topics.is_empty() {
-            self.fail("topic", "is required (set --topic, TXN_SIDECAR_TOPIC or `topic` in the file)");
+            self.fail(
+                "topic",
+                "is required (set --topic, TXN_SIDECAR_TOPIC or `topic` in the file)",
+            );
         }
         for t in &topics {
             if let Err(e) = validate_topic_name(t) {
@@ -627,7 +639,8 @@ impl Reader<'_> {
                 },
                 Value::Bool(_, b) => b.to_string(),
                 _ => {
-                    self.errors.push((key, "expected a string, number or boolean".into()));
+                    self.errors
+                        .push((key, "expected a string, number or boolean".into()));
                     continue;
                 }
             };
@@ -653,7 +666,10 @@ impl Reader<'_> {
                             unknown.push(full);
                         }
                     }
-                    if !KNOWN_KEYS.iter().any(|kk| kk.starts_with(&format!("{section}."))) {
+                    if !KNOWN_KEYS
+                        .iter()
+                        .any(|kk| kk.starts_with(&format!("{section}.")))
+                    {
                         // Reported through its leaves above.
                     }
                 }
@@ -775,7 +791,10 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         "headers" => Protocol::Headers,
         "key-prefix" | "key_prefix" => Protocol::KeyPrefix,
         other => {
-            r.fail("protocol", format!("must be \"headers\" or \"key-prefix\", got {other:?}"));
+            r.fail(
+                "protocol",
+                format!("must be \"headers\" or \"key-prefix\", got {other:?}"),
+            );
             Protocol::Headers
         }
     };
@@ -796,7 +815,10 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         "dead-letter" | "dead_letter" | "dlq" => OnFailure::DeadLetter,
         "block" => OnFailure::Block,
         other => {
-            r.fail("on_failure", format!("must be \"dead-letter\" or \"block\", got {other:?}"));
+            r.fail(
+                "on_failure",
+                format!("must be \"dead-letter\" or \"block\", got {other:?}"),
+            );
             OnFailure::DeadLetter
         }
     };
@@ -810,18 +832,23 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         "json" => LogFormat::Json,
         "text" => LogFormat::Text,
         other => {
-            r.fail("log_format", format!("must be \"json\" or \"text\", got {other:?}"));
+            r.fail(
+                "log_format",
+                format!("must be \"json\" or \"text\", got {other:?}"),
+            );
             LogFormat::Json
         }
     };
     let url = parse_url(r, "app.url", "http://127.0.0.1:8080/transactions");
-    let health_url = r.string("app.health_url").and_then(|s| match url::Url::parse(&s) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            r.fail("app.health_url", format!("invalid URL {s:?}: {e}"));
-            None
-        }
-    });
+    let health_url = r
+        .string("app.health_url")
+        .and_then(|s| match url::Url::parse(&s) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                r.fail("app.health_url", format!("invalid URL {s:?}: {e}"));
+                None
+            }
+        });
     let app_timeout = r.duration_or("app.timeout", Duration::from_secs(30));
     if app_timeout.is_zero() {
         r.fail("app.timeout", "must be greater than zero");
@@ -845,7 +872,12 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
     let addr = match addr_s.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(e) => {
-            r.fail("admin.addr", format!("invalid socket address {addr_s:?}: {e} (use host:port, e.g. 127.0.0.1:9464)"));
+            r.fail(
+                "admin.addr",
+                format!(
+                    "invalid socket address {addr_s:?}: {e} (use host:port, e.g. 127.0.0.1:9464)"
+                ),
+            );
             None
         }
     };
@@ -855,7 +887,11 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         kind: r.string_or("headers.type", "txn-type"),
         count: r.string_or("headers.count", "txn-count"),
     };
-    for (k, v) in [("headers.id", &headers.id), ("headers.type", &headers.kind), ("headers.count", &headers.count)] {
+    for (k, v) in [
+        ("headers.id", &headers.id),
+        ("headers.type", &headers.kind),
+        ("headers.count", &headers.count),
+    ] {
         if v.trim().is_empty() {
             r.fail(k, "must not be empty");
         }
@@ -870,21 +906,28 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         ("limits.max_tasks_per_txn", limits.max_tasks_per_txn as u64),
         ("limits.max_txn_bytes", limits.max_txn_bytes),
         ("limits.max_staged_bytes", limits.max_staged_bytes),
-        ("limits.max_queued_per_partition", limits.max_queued_per_partition as u64),
+        (
+            "limits.max_queued_per_partition",
+            limits.max_queued_per_partition as u64,
+        ),
     ] {
         if v == 0 {
             r.fail(k, "must be greater than zero");
         }
     }
     if limits.max_txn_bytes > limits.max_staged_bytes {
-        r.fail("limits.max_txn_bytes", "must not exceed limits.max_staged_bytes, or a transaction could never fit");
+        r.fail(
+            "limits.max_txn_bytes",
+            "must not exceed limits.max_staged_bytes, or a transaction could never fit",
+        );
     }
     let kafka = r.kafka();
     for owned in OWNED_KAFKA_PROPERTIES {
         if kafka.contains_key(*owned) {
             r.errors.push((
                 format!("kafka.{owned}"),
-                "is managed by txn-sidecar and cannot be overridden (use the dedicated setting)".into(),
+                "is managed by txn-sidecar and cannot be overridden (use the dedicated setting)"
+                    .into(),
             ));
         }
     }
@@ -918,7 +961,13 @@ fn parse_url(r: &mut Reader<'_>, key: &str, default: &str) -> Option<url::Url> {
     match url::Url::parse(&s) {
         Ok(u) if u.scheme() == "http" => Some(u),
         Ok(u) => {
-            r.fail(key, format!("scheme {:?} is not supported; the app is reached over plain http on localhost", u.scheme()));
+            r.fail(
+                key,
+                format!(
+                    "scheme {:?} is not supported; the app is reached over plain http on localhost",
+                    u.scheme()
+                ),
+            );
             None
         }
         Err(e) => {
@@ -968,10 +1017,18 @@ mod tests {
             ..Default::default()
         };
         s.env.insert("TXN_SIDECAR_GROUP".into(), "from-env".into());
-        s.env.insert("TXN_SIDECAR_APP_URL".into(), "http://127.0.0.1:2/env".into());
-        s.env.insert("TXN_SIDECAR_KAFKA_SASL_USERNAME".into(), "u".into());
-        s.env.insert("TXN_SIDECAR_SERVICE_PORT".into(), "tcp://10.0.0.1:80".into());
-        s.flags.insert("app.url".into(), "http://127.0.0.1:3/flag".into());
+        s.env.insert(
+            "TXN_SIDECAR_APP_URL".into(),
+            "http://127.0.0.1:2/env".into(),
+        );
+        s.env
+            .insert("TXN_SIDECAR_KAFKA_SASL_USERNAME".into(), "u".into());
+        s.env.insert(
+            "TXN_SIDECAR_SERVICE_PORT".into(),
+            "tcp://10.0.0.1:80".into(),
+        );
+        s.flags
+            .insert("app.url".into(), "http://127.0.0.1:3/flag".into());
         let c = Config::load(&s).unwrap();
         assert_eq!(c.group, "from-env");
         assert_eq!(c.app.url.as_str(), "http://127.0.0.1:3/flag");
@@ -987,7 +1044,8 @@ mod tests {
             ("txn_timeout", "soon"),
             ("on_failure", "explode"),
         ]);
-        s.env.insert("TXN_SIDECAR_APP_URL".into(), "not a url".into());
+        s.env
+            .insert("TXN_SIDECAR_APP_URL".into(), "not a url".into());
         let err = Config::load(&s).unwrap_err();
         let keys: Vec<&str> = err.errors.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, vec!["txn_timeout", "on_failure", "app.url"]);
@@ -1000,15 +1058,25 @@ mod tests {
     fn unknown_keys_are_rejected_with_a_hint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "topic = \"a\"\ntxntimeout = \"1m\"\n[app]\nuri = \"x\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "topic = \"a\"\ntxntimeout = \"1m\"\n[app]\nuri = \"x\"\n",
+        )
+        .unwrap();
         let s = Sources {
             file: Some(path),
             ..Default::default()
         };
         let err = Config::load(&s).unwrap_err();
         let keys: Vec<&str> = err.errors.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(keys.contains(&"txntimeout") && keys.contains(&"app.uri"), "{err}");
-        assert!(err.to_string().contains("did you mean `txn_timeout`"), "{err}");
+        assert!(
+            keys.contains(&"txntimeout") && keys.contains(&"app.uri"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("did you mean `txn_timeout`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1025,16 +1093,28 @@ mod tests {
         std::fs::write(&secret, "hunter2\n").unwrap();
         let s = flags(&[
             ("topic", "t"),
-            ("kafka.sasl.password", &format!("${{file:{}}}", secret.display())),
+            (
+                "kafka.sasl.password",
+                &format!("${{file:{}}}", secret.display()),
+            ),
             ("admin.token", "tok-123"),
         ]);
         let c = Config::load(&s).unwrap();
         assert_eq!(c.kafka["sasl.password"], "hunter2");
         let dump = c.redacted_toml();
-        assert!(!dump.contains("hunter2") && !dump.contains("tok-123"), "{dump}");
-        assert!(dump.contains("\"sasl.password\" = \"<redacted>\""), "{dump}");
+        assert!(
+            !dump.contains("hunter2") && !dump.contains("tok-123"),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("\"sasl.password\" = \"<redacted>\""),
+            "{dump}"
+        );
         assert!(!format!("{c:?}").contains("tok-123"));
-        let bad = flags(&[("topic", "t"), ("kafka.sasl.password", "${env:TXN_SIDECAR_TEST_UNSET_VAR}")]);
+        let bad = flags(&[
+            ("topic", "t"),
+            ("kafka.sasl.password", "${env:TXN_SIDECAR_TEST_UNSET_VAR}"),
+        ]);
         let err = Config::load(&bad).unwrap_err();
         assert_eq!(err.errors[0].0, "kafka.sasl.password");
     }
@@ -1044,7 +1124,12 @@ mod tests {
         assert_eq!(parse_size("16MiB"), Some(16 << 20));
         assert_eq!(parse_size("10"), Some(10));
         assert_eq!(parse_size("1x"), None);
-        let c = Config::load(&flags(&[("topic", "t"), ("limits.max_txn_bytes", "1MiB"), ("txn_timeout", "90s")])).unwrap();
+        let c = Config::load(&flags(&[
+            ("topic", "t"),
+            ("limits.max_txn_bytes", "1MiB"),
+            ("txn_timeout", "90s"),
+        ]))
+        .unwrap();
         assert_eq!(c.limits.max_txn_bytes, 1 << 20);
         assert_eq!(c.txn_timeout, Duration::from_secs(90));
     }

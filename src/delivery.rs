@@ -80,7 +80,9 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
         .map(|t| {
             let mut headers = serde_json::Map::new();
             for (k, v) in &t.headers {
-                let Ok(k) = std::str::from_utf8(k) else { continue };
+                let Ok(k) = std::str::from_utf8(k) else {
+                    continue;
+                };
                 if marker_headers.contains(&k) {
                     continue;
                 }
@@ -151,7 +153,9 @@ impl DeliveryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DeliveryError::Status { status, .. } => matches!(status, 408 | 425 | 429 | 500..=599),
-            DeliveryError::Timeout(_) | DeliveryError::Connect(_) | DeliveryError::Transport(_) => true,
+            DeliveryError::Timeout(_) | DeliveryError::Connect(_) | DeliveryError::Transport(_) => {
+                true
+            }
         }
     }
 
@@ -191,7 +195,10 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(v).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The pooled HTTP client and retry policy.
@@ -302,29 +309,47 @@ impl Deliverer {
             let err = match result {
                 Ok(status) => {
                     let result = if status == 409 { "conflict" } else { "success" };
-                    self.metrics.delivery_attempts.get_or_create(&ResultLabel { result }).inc();
-                    self.metrics.delivery_duration.observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .delivery_attempts
+                        .get_or_create(&ResultLabel { result })
+                        .inc();
+                    self.metrics
+                        .delivery_duration
+                        .observe(started.elapsed().as_secs_f64());
                     return Delivered::Ok { attempts };
                 }
                 Err(e) => e,
             };
             let retryable = err.is_retryable();
             let result = if retryable { "retryable" } else { "permanent" };
-            self.metrics.delivery_attempts.get_or_create(&ResultLabel { result }).inc();
+            self.metrics
+                .delivery_attempts
+                .get_or_create(&ResultLabel { result })
+                .inc();
             let out_of_budget = !self.block
-                && ((self.max_attempts > 0 && attempts >= self.max_attempts) || started.elapsed() >= self.max_elapsed);
+                && ((self.max_attempts > 0 && attempts >= self.max_attempts)
+                    || started.elapsed() >= self.max_elapsed);
             if !retryable && !self.block {
                 tracing::warn!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %err, "app rejected transaction");
-                return Delivered::Failed { reason: "rejected", error: err.to_string(), attempts };
+                return Delivered::Failed {
+                    reason: "rejected",
+                    error: err.to_string(),
+                    attempts,
+                };
             }
             if out_of_budget {
                 tracing::warn!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %err, "delivery retries exhausted");
-                return Delivered::Failed { reason: "retries_exhausted", error: err.to_string(), attempts };
+                return Delivered::Failed {
+                    reason: "retries_exhausted",
+                    error: err.to_string(),
+                    attempts,
+                };
             }
             let mut delay = backoff.next().unwrap_or(self.max_backoff);
             if let Some(ra) = err.retry_after() {
-                // The app knows its own recovery time better than our backoff does.
-                delay = ra.min(self.max_backoff.max(self.initial_backoff));
+                // The app knows its own recovery time better than our backoff does; only
+                // the elapsed budget caps it, so a bogus value cannot park a partition.
+                delay = ra.min(self.max_elapsed);
             }
             tracing::info!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, delay_ms = delay.as_millis() as u64, error = %err, "delivery failed, retrying");
             tokio::select! {
@@ -377,7 +402,11 @@ mod tests {
             id: "order-42".into(),
             commit_offset: 1207,
             first_offset: 1201,
-            tasks: vec![task(1201, br#"{"any": "json"}"#), task(1202, b"plain text"), task(1203, &[0xff, 0x00])],
+            tasks: vec![
+                task(1201, br#"{"any": "json"}"#),
+                task(1202, b"plain text"),
+                task(1203, &[0xff, 0x00]),
+            ],
             marker: task(1207, b""),
             committed_at: Instant::now(),
         };
@@ -401,13 +430,20 @@ mod tests {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         let later = SystemTime::now() + Duration::from_secs(30);
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
-        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(28), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
     fn classification_matches_the_contract() {
-        let s = |status| DeliveryError::Status { status, retry_after: None, body: String::new() };
+        let s = |status| DeliveryError::Status {
+            status,
+            retry_after: None,
+            body: String::new(),
+        };
         for code in [408, 425, 429, 500, 502, 503, 599] {
             assert!(s(code).is_retryable(), "{code}");
         }

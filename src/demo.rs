@@ -48,7 +48,9 @@ pub async fn run() -> Result<Vec<Received>, DemoError> {
     kafka.create_topic(topic, 3)?;
     kafka.create_topic("orders.tx.dlq", 3)?;
     let brokers = kafka.bootstrap_servers();
-    println!("embedded Kafka (librdkafka mock cluster) at {brokers}, topic {topic} with 3 partitions");
+    println!(
+        "embedded Kafka (librdkafka mock cluster) at {brokers}, topic {topic} with 3 partitions"
+    );
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let app_addr = listener.local_addr()?;
@@ -68,34 +70,68 @@ pub async fn run() -> Result<Vec<Received>, DemoError> {
     ] {
         sources.flags.insert(k.into(), v.into());
     }
-    sources.flags.insert("app.url".into(), format!("http://{app_addr}/transactions"));
+    sources
+        .flags
+        .insert("app.url".into(), format!("http://{app_addr}/transactions"));
     for (k, v) in FAST_GROUP_PROPERTIES {
         sources.flags.insert(format!("kafka.{k}"), v.to_string());
     }
     let cfg = Config::load(&sources)?;
     debug_assert_eq!(cfg.log_format, LogFormat::Text);
     let sidecar = crate::start(cfg).await?;
-    println!("sidecar started, admin at http://{}/metrics", sidecar.admin_addr());
+    println!(
+        "sidecar started, admin at http://{}/metrics",
+        sidecar.admin_addr()
+    );
 
     // Interleaved transactions in one partition, written without Kafka transactions, as a
     // plain producer would: order-1 and order-2 interleave, order-3 is aborted.
-    let plain: ThreadedProducer<DefaultProducerContext> = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+    let plain: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
     let script: &[(&str, &str, &str)] = &[
-        ("order-1", "task", r#"{"op":"create_order","order":1,"amount":42.5}"#),
-        ("order-2", "task", r#"{"op":"create_order","order":2,"amount":7}"#),
-        ("order-1", "task", r#"{"op":"reserve_stock","sku":"A-1","qty":2}"#),
+        (
+            "order-1",
+            "task",
+            r#"{"op":"create_order","order":1,"amount":42.5}"#,
+        ),
+        (
+            "order-2",
+            "task",
+            r#"{"op":"create_order","order":2,"amount":7}"#,
+        ),
+        (
+            "order-1",
+            "task",
+            r#"{"op":"reserve_stock","sku":"A-1","qty":2}"#,
+        ),
         ("order-3", "task", r#"{"op":"create_order","order":3}"#),
-        ("order-2", "task", "plain text is delivered as a JSON string"),
+        (
+            "order-2",
+            "task",
+            "plain text is delivered as a JSON string",
+        ),
         ("order-2", "commit", ""),
         ("order-3", "abort", ""),
-        ("order-1", "task", r#"{"op":"send_mail","to":"customer@example.com"}"#),
+        (
+            "order-1",
+            "task",
+            r#"{"op":"send_mail","to":"customer@example.com"}"#,
+        ),
         ("order-1", "commit", ""),
     ];
     for (id, kind, value) in script {
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "txn-id", value: Some(*id) })
-            .insert(Header { key: "txn-type", value: Some(*kind) });
-        let mut rec: BaseRecord<'_, str, str> = BaseRecord::to(topic).partition(0).key(*id).headers(headers);
+            .insert(Header {
+                key: "txn-id",
+                value: Some(*id),
+            })
+            .insert(Header {
+                key: "txn-type",
+                value: Some(*kind),
+            });
+        let mut rec: BaseRecord<'_, str, str> =
+            BaseRecord::to(topic).partition(0).key(*id).headers(headers);
         if !value.is_empty() {
             rec = rec.payload(*value);
         }
@@ -108,10 +144,22 @@ pub async fn run() -> Result<Vec<Received>, DemoError> {
     // One more, written atomically with a Kafka transaction, as `txn-sidecar produce` does.
     let b2 = brokers.clone();
     tokio::task::spawn_blocking(move || -> Result<(), DemoError> {
-        let p = TxnProducer::new(&b2, &Default::default(), "txn-sidecar-demo", Protocol::Headers, default_names())?;
+        let p = TxnProducer::new(
+            &b2,
+            &Default::default(),
+            "txn-sidecar-demo",
+            Protocol::Headers,
+            default_names(),
+        )?;
         let tasks = [
-            TaskRecord { value: br#"{"op":"debit","account":"acc-1","amount":100}"#.to_vec(), headers: vec![] },
-            TaskRecord { value: br#"{"op":"credit","account":"acc-2","amount":100}"#.to_vec(), headers: vec![] },
+            TaskRecord {
+                value: br#"{"op":"debit","account":"acc-1","amount":100}"#.to_vec(),
+                headers: vec![],
+            },
+            TaskRecord {
+                value: br#"{"op":"credit","account":"acc-2","amount":100}"#.to_vec(),
+                headers: vec![],
+            },
         ];
         p.send("orders.tx", "transfer-7", &tasks, false)?;
         println!("produced transfer-7 (2 tasks + commit) in one Kafka transaction");
@@ -136,7 +184,10 @@ pub async fn run() -> Result<Vec<Received>, DemoError> {
     sidecar.wait().await?;
     stop_app.cancel();
     if got.len() < want {
-        return Err(DemoError::Timeout { got: got.len(), want });
+        return Err(DemoError::Timeout {
+            got: got.len(),
+            want,
+        });
     }
     println!("done: {} transactions delivered whole and in order; order-3 was aborted and never delivered", got.len());
     drop(kafka);

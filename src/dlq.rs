@@ -89,7 +89,12 @@ impl DeadLetterWriter {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<i32, DlqError> {
-        if let Some(n) = self.partitions.lock().ok().and_then(|m| m.get(topic).copied()) {
+        if let Some(n) = self
+            .partitions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(topic).copied())
+        {
             return Ok(n);
         }
         let producer = self.producer.clone();
@@ -99,9 +104,13 @@ impl DeadLetterWriter {
                 .client()
                 .fetch_metadata(Some(&t), Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
-            let topic_md = md.topics().iter().find(|x| x.name() == t).ok_or("no metadata")?;
+            let topic_md = md
+                .topics()
+                .iter()
+                .find(|x| x.name() == t)
+                .ok_or("no metadata")?;
             if let Some(err) = topic_md.error() {
-                return Err(format!("{:?}", rdkafka::types::RDKafkaRespErr::from(err)));
+                return Err(format!("{:?}", err));
             }
             match topic_md.partitions().len() {
                 0 => Err("topic has no partitions (create it first)".to_string()),
@@ -134,14 +143,31 @@ impl DeadLetterWriter {
             let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len() + 4);
             for (k, v) in &rec.headers {
                 let k = String::from_utf8_lossy(k);
-                headers = headers.insert(Header { key: &k, value: v.as_deref() });
+                headers = headers.insert(Header {
+                    key: &k,
+                    value: v.as_deref(),
+                });
             }
             headers = headers
-                .insert(Header { key: "txn-dlq-reason", value: Some(dead.reason) })
-                .insert(Header { key: "txn-dlq-error", value: Some(dead.error.as_str()) })
-                .insert(Header { key: "txn-dlq-source", value: Some(source.as_str()) })
-                .insert(Header { key: "txn-dlq-attempts", value: Some(attempts.as_str()) });
-            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).partition(partition).headers(headers);
+                .insert(Header {
+                    key: "txn-dlq-reason",
+                    value: Some(dead.reason),
+                })
+                .insert(Header {
+                    key: "txn-dlq-error",
+                    value: Some(dead.error.as_str()),
+                })
+                .insert(Header {
+                    key: "txn-dlq-source",
+                    value: Some(source.as_str()),
+                })
+                .insert(Header {
+                    key: "txn-dlq-attempts",
+                    value: Some(attempts.as_str()),
+                });
+            let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                .partition(partition)
+                .headers(headers);
             if let Some(k) = &rec.key {
                 fr = fr.key(k.as_slice());
             }
@@ -154,15 +180,28 @@ impl DeadLetterWriter {
             match self.producer.send_result(fr) {
                 Ok(f) => pending.push(f),
                 Err((e, _)) => {
-                    return Err(DlqError::Write { topic, error: e.to_string() });
+                    return Err(DlqError::Write {
+                        topic,
+                        error: e.to_string(),
+                    });
                 }
             }
         }
         for f in pending {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(DlqError::Write { topic, error: e.to_string() }),
-                Err(_) => return Err(DlqError::Write { topic, error: "producer closed".into() }),
+                Ok(Err((e, _))) => {
+                    return Err(DlqError::Write {
+                        topic,
+                        error: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(DlqError::Write {
+                        topic,
+                        error: "producer closed".into(),
+                    })
+                }
             }
         }
         Ok(())

@@ -14,7 +14,10 @@ pub struct EmbeddedKafka {
 }
 
 /// Client properties that make group rebalances against the mock cluster take seconds.
-pub const FAST_GROUP_PROPERTIES: &[(&str, &str)] = &[("session.timeout.ms", "6000"), ("heartbeat.interval.ms", "500")];
+pub const FAST_GROUP_PROPERTIES: &[(&str, &str)] = &[
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "500"),
+];
 
 impl EmbeddedKafka {
     /// Starts a cluster of `brokers` brokers on loopback ports.
@@ -30,7 +33,11 @@ impl EmbeddedKafka {
     }
 
     /// Creates `topic` with `partitions` partitions.
-    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), rdkafka::error::KafkaError> {
+    pub fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<(), rdkafka::error::KafkaError> {
         self.cluster.create_topic(topic, partitions, 1)
     }
 

@@ -123,7 +123,8 @@ fn raw_headers(msg: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let mut value: *const std::os::raw::c_void = std::ptr::null();
         let mut size: usize = 0;
         // SAFETY: idx < count; out-pointers are valid locals.
-        let err = unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+        let err =
+            unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
             continue;
         }
@@ -143,7 +144,8 @@ fn raw_headers(msg: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
 /// Reads the metadata of a committed-offsets entry without rdkafka's UTF-8 `expect`,
 /// which panics when another client stored non-UTF-8 metadata for the group.
 pub fn safe_metadata(elem: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>) -> String {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_string())).unwrap_or_default()
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_string()))
+        .unwrap_or_default()
 }
 
 /// Partition assignment protocol of a consumer, for logs.

@@ -117,7 +117,12 @@ impl Sidecar {
         };
         self.stop.cancel();
         self.admin_stop.cancel();
-        shutdown::wait_tasks(&self.tracker, "workers and admin", self.grace.max(Duration::from_secs(5))).await;
+        shutdown::wait_tasks(
+            &self.tracker,
+            "workers and admin",
+            self.grace.max(Duration::from_secs(5)),
+        )
+        .await;
         tracing::info!("stopped");
         result
     }
@@ -133,7 +138,11 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
     let deliverer = delivery::Deliverer::new(&cfg, metrics.clone())?;
     let dlq = dlq::DeadLetterWriter::new(cfg.clone())?;
     let snapshot = Arc::new(Mutex::new(admin::Snapshot::default()));
-    let probe = cfg.app.health_url.clone().unwrap_or_else(|| cfg.app.url.clone());
+    let probe = cfg
+        .app
+        .health_url
+        .clone()
+        .unwrap_or_else(|| cfg.app.url.clone());
     let admin = admin::serve(
         cfg.admin.addr,
         snapshot.clone(),
@@ -177,7 +186,10 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
 }
 
 /// Runs until `shutdown` resolves, then drains and leaves the group.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let sidecar = start(cfg).await?;
     let token = sidecar.shutdown_token();
     tokio::spawn(async move {

@@ -115,11 +115,15 @@ impl Settings {
         put("on_failure", &self.on_failure);
         put("log_format", &self.log_format);
         for kv in &self.set {
-            let (k, v) = kv.split_once('=').ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
             flags.insert(k.trim().to_string(), v.to_string());
         }
         for kv in &self.kafka {
-            let (k, v) = kv.split_once('=').ok_or_else(|| format!("-X {kv:?}: expected PROP=VALUE"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("-X {kv:?}: expected PROP=VALUE"))?;
             flags.insert(format!("kafka.{}", k.trim()), v.to_string());
         }
         Ok(Sources {
@@ -173,7 +177,10 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start runtime: {e}"), 1),
     };
@@ -226,7 +233,11 @@ fn main() -> ExitCode {
                 Err(e) => fail(format!("sample app: {e}"), 1),
             }
         }
-        Command::MockKafka { brokers, topics, bootstrap_file } => mock_kafka(&rt, brokers, &topics, bootstrap_file),
+        Command::MockKafka {
+            brokers,
+            topics,
+            bootstrap_file,
+        } => mock_kafka(&rt, brokers, &topics, bootstrap_file),
     }
 }
 
@@ -234,40 +245,76 @@ fn produce(a: ProduceArgs) -> Result<(), String> {
     let protocol = match a.protocol.as_str() {
         "headers" => Protocol::Headers,
         "key-prefix" => Protocol::KeyPrefix,
-        p => return Err(format!("--protocol: must be \"headers\" or \"key-prefix\", got {p:?}")),
+        p => {
+            return Err(format!(
+                "--protocol: must be \"headers\" or \"key-prefix\", got {p:?}"
+            ))
+        }
     };
     let mut values: Vec<String> = a.tasks.clone();
     if let Some(f) = &a.file {
         let text = if f.as_os_str() == "-" {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("stdin: {e}"))?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("stdin: {e}"))?;
             s
         } else {
             std::fs::read_to_string(f).map_err(|e| format!("--file {}: {e}", f.display()))?
         };
-        values.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        values.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
     }
     if values.is_empty() && !a.abort {
         return Err("no tasks: give --task VALUE (repeatable) or --file".into());
     }
     let mut extra = BTreeMap::new();
     for kv in &a.kafka {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("-X {kv:?}: expected PROP=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("-X {kv:?}: expected PROP=VALUE"))?;
         extra.insert(k.to_string(), v.to_string());
     }
-    let tid = a.transactional_id.clone().unwrap_or_else(|| format!("txn-sidecar-produce-{}", a.id));
-    let p = txn_sidecar::produce::TxnProducer::new(&a.brokers, &extra, &tid, protocol, txn_sidecar::produce::default_names())
-        .map_err(|e| e.to_string())?;
+    let tid = a
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("txn-sidecar-produce-{}", a.id));
+    let p = txn_sidecar::produce::TxnProducer::new(
+        &a.brokers,
+        &extra,
+        &tid,
+        protocol,
+        txn_sidecar::produce::default_names(),
+    )
+    .map_err(|e| e.to_string())?;
     let tasks: Vec<_> = values
         .into_iter()
-        .map(|v| txn_sidecar::produce::TaskRecord { value: v.into_bytes(), headers: vec![] })
+        .map(|v| txn_sidecar::produce::TaskRecord {
+            value: v.into_bytes(),
+            headers: vec![],
+        })
         .collect();
-    p.send(&a.topic, &a.id, &tasks, a.abort).map_err(|e| e.to_string())?;
-    println!("wrote transaction {} ({} tasks + {}) to {}", a.id, tasks.len(), if a.abort { "abort" } else { "commit" }, a.topic);
+    p.send(&a.topic, &a.id, &tasks, a.abort)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "wrote transaction {} ({} tasks + {}) to {}",
+        a.id,
+        tasks.len(),
+        if a.abort { "abort" } else { "commit" },
+        a.topic
+    );
     Ok(())
 }
 
-fn mock_kafka(rt: &tokio::runtime::Runtime, brokers: i32, topics: &[String], file: Option<PathBuf>) -> ExitCode {
+fn mock_kafka(
+    rt: &tokio::runtime::Runtime,
+    brokers: i32,
+    topics: &[String],
+    file: Option<PathBuf>,
+) -> ExitCode {
     let kafka = match txn_sidecar::embedded::EmbeddedKafka::start(brokers) {
         Ok(k) => k,
         Err(e) => return fail(format!("mock cluster: {e}"), 1),

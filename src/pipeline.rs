@@ -30,22 +30,28 @@ use crate::kafka;
 use crate::offsets::OffsetTracker;
 use crate::protocol::{self, Kind, Record};
 use crate::staging::{MemoryStore, StagingStore};
-use crate::telemetry::{Metrics, Outcome, PartitionLabel, RebalanceLabel, RecordKind, ReasonLabel, ResultLabel};
+use crate::telemetry::{
+    Metrics, Outcome, PartitionLabel, ReasonLabel, RebalanceLabel, RecordKind, ResultLabel,
+};
 
-/// Work for a partition's delivery worker, in partition order.
+/// Work for a partition, in partition order.
 enum Work {
-    /// POST a committed transaction.
+    /// POST a committed transaction (the delivery worker).
     Deliver(ReadyTxn),
-    /// Write records to the dead-letter topic.
-    DeadLetter {
-        dead: DeadTxn,
-        /// The offset hold to release once written.
-        hold: i64,
-        /// The offset to mark finished once written (skipped on replay).
-        finish: Option<i64>,
-        /// The transaction outcome to count, if this was a transaction.
-        outcome: Option<Outcome>,
-    },
+    /// Write records to the dead-letter topic (the dead-letter lane).
+    DeadLetter(DlqWork),
+}
+
+/// Records for the dead-letter lane. The lane is separate from the delivery worker so a
+/// dead-letter topic outage holds the offset without stopping deliveries behind it.
+struct DlqWork {
+    dead: DeadTxn,
+    /// The offset hold to release once written.
+    hold: i64,
+    /// The offset to mark finished once written (skipped on replay).
+    finish: Option<i64>,
+    /// The transaction outcome to count, if this was a transaction.
+    outcome: Option<Outcome>,
 }
 
 /// Reports from workers to the consumer thread.
@@ -75,11 +81,13 @@ struct Part {
     /// the dead-letter topic until the marker, so nothing partial is ever delivered.
     overflowed: HashMap<String, i64>,
     recent_commits: RecentIds,
-    tx: UnboundedSender<Work>,
+    tx: UnboundedSender<ReadyTxn>,
+    dlq_tx: UnboundedSender<DlqWork>,
     queued: usize,
     stop: CancellationToken,
     cut: CancellationToken,
-    stopped: bool,
+    /// Tasks (delivery worker, dead-letter lane) that have not reported `Stopped`.
+    running: u8,
     paused: bool,
     last_log_ms: i64,
     caught_up: bool,
@@ -185,7 +193,12 @@ impl Engine {
         let cfg = self.cfg.clone();
         let metrics = self.metrics.clone();
         let Some(p) = self.part_mut(topic, partition) else {
-            debug!(topic, partition, offset = rec.offset, "record for an unassigned partition ignored");
+            debug!(
+                topic,
+                partition,
+                offset = rec.offset,
+                "record for an unassigned partition ignored"
+            );
             return;
         };
         let offset = rec.offset;
@@ -225,7 +238,15 @@ impl Engine {
                     error: e.to_string(),
                     attempts: 0,
                 };
-                send(p, Work::DeadLetter { dead, hold: offset, finish: Some(offset), outcome: None });
+                send(
+                    p,
+                    Work::DeadLetter(DlqWork {
+                        dead,
+                        hold: offset,
+                        finish: Some(offset),
+                        outcome: None,
+                    }),
+                );
                 return;
             }
         };
@@ -234,8 +255,22 @@ impl Engine {
                 metrics.consumed(RecordKind::task);
                 if p.overflowed.contains_key(&marker.id) {
                     p.offsets.hold(offset);
-                    let dead = single(p, &marker.id, rec, "too_large", "a transaction limit was exceeded earlier");
-                    send(p, Work::DeadLetter { dead, hold: offset, finish: Some(offset), outcome: None });
+                    let dead = single(
+                        p,
+                        &marker.id,
+                        rec,
+                        "too_large",
+                        "a transaction limit was exceeded earlier",
+                    );
+                    send(
+                        p,
+                        Work::DeadLetter(DlqWork {
+                            dead,
+                            hold: offset,
+                            finish: Some(offset),
+                            outcome: None,
+                        }),
+                    );
                     return;
                 }
                 if p.store.get(&marker.id).is_none() {
@@ -244,7 +279,9 @@ impl Engine {
                 let t = p.store.stage(&marker.id, rec, log_ms);
                 let (tasks, bytes) = (t.tasks.len(), t.bytes);
                 if tasks > cfg.limits.max_tasks_per_txn || bytes > cfg.limits.max_txn_bytes {
-                    let Some(t) = p.store.take(&marker.id) else { return };
+                    let Some(t) = p.store.take(&marker.id) else {
+                        return;
+                    };
                     let error = format!(
                         "transaction has {tasks} tasks / {bytes} bytes, limits are {} / {}",
                         cfg.limits.max_tasks_per_txn, cfg.limits.max_txn_bytes
@@ -261,7 +298,15 @@ impl Engine {
                         error,
                         attempts: 0,
                     };
-                    send(p, Work::DeadLetter { dead, hold, finish: None, outcome: Some(Outcome::dead_lettered) });
+                    send(
+                        p,
+                        Work::DeadLetter(DlqWork {
+                            dead,
+                            hold,
+                            finish: None,
+                            outcome: Some(Outcome::dead_lettered),
+                        }),
+                    );
                 }
             }
             Kind::Abort => {
@@ -274,8 +319,22 @@ impl Engine {
                     // Its tasks went to the dead-letter topic; the abort follows them so a
                     // replay of that topic aborts too.
                     p.offsets.hold(offset);
-                    let dead = single(p, &marker.id, rec, "too_large", "abort of a transaction that exceeded a limit");
-                    send(p, Work::DeadLetter { dead, hold: offset, finish: Some(offset), outcome: None });
+                    let dead = single(
+                        p,
+                        &marker.id,
+                        rec,
+                        "too_large",
+                        "abort of a transaction that exceeded a limit",
+                    );
+                    send(
+                        p,
+                        Work::DeadLetter(DlqWork {
+                            dead,
+                            hold: offset,
+                            finish: Some(offset),
+                            outcome: None,
+                        }),
+                    );
                 } else {
                     debug!(topic, partition, offset, txn_id = %marker.id, "abort with no staged tasks");
                 }
@@ -284,20 +343,45 @@ impl Engine {
                 metrics.consumed(RecordKind::commit);
                 if p.overflowed.remove(&marker.id).is_some() {
                     p.offsets.hold(offset);
-                    let dead = single(p, &marker.id, rec, "too_large", "commit of a transaction that exceeded a limit");
-                    send(p, Work::DeadLetter { dead, hold: offset, finish: Some(offset), outcome: None });
+                    let dead = single(
+                        p,
+                        &marker.id,
+                        rec,
+                        "too_large",
+                        "commit of a transaction that exceeded a limit",
+                    );
+                    send(
+                        p,
+                        Work::DeadLetter(DlqWork {
+                            dead,
+                            hold: offset,
+                            finish: Some(offset),
+                            outcome: None,
+                        }),
+                    );
                     return;
                 }
                 let Some(t) = p.store.take(&marker.id) else {
                     let (reason, error) = if p.recent_commits.contains(&marker.id) {
-                        ("duplicate_commit", "a second commit for a transaction already committed")
+                        (
+                            "duplicate_commit",
+                            "a second commit for a transaction already committed",
+                        )
                     } else {
                         ("empty_commit", "commit with no staged tasks")
                     };
                     warn!(topic, partition, offset, txn_id = %marker.id, reason, "commit without tasks, dead-lettering it");
                     p.offsets.hold(offset);
                     let dead = single(p, &marker.id, rec, reason, error);
-                    send(p, Work::DeadLetter { dead, hold: offset, finish: Some(offset), outcome: Some(Outcome::dead_lettered) });
+                    send(
+                        p,
+                        Work::DeadLetter(DlqWork {
+                            dead,
+                            hold: offset,
+                            finish: Some(offset),
+                            outcome: Some(Outcome::dead_lettered),
+                        }),
+                    );
                     return;
                 };
                 p.recent_commits.insert(&marker.id);
@@ -306,7 +390,10 @@ impl Engine {
                     .observe(((log_ms - t.opened_ms).max(0) as f64) / 1000.0);
                 if let Some(expected) = count {
                     if expected != t.tasks.len() as u64 {
-                        let error = format!("commit declares {expected} tasks, {} were staged", t.tasks.len());
+                        let error = format!(
+                            "commit declares {expected} tasks, {} were staged",
+                            t.tasks.len()
+                        );
                         warn!(topic, partition, offset, txn_id = %marker.id, expected, staged = t.tasks.len(), "task count mismatch, dead-lettering");
                         let hold = t.first_offset;
                         let mut records = t.tasks;
@@ -320,7 +407,15 @@ impl Engine {
                             error,
                             attempts: 0,
                         };
-                        send(p, Work::DeadLetter { dead, hold, finish: Some(offset), outcome: Some(Outcome::dead_lettered) });
+                        send(
+                            p,
+                            Work::DeadLetter(DlqWork {
+                                dead,
+                                hold,
+                                finish: Some(offset),
+                                outcome: Some(Outcome::dead_lettered),
+                            }),
+                        );
                         return;
                     }
                 }
@@ -343,7 +438,13 @@ impl Engine {
     /// Applies worker reports; returns how many partitions reported `Stopped`.
     fn apply(&mut self, ev: Event) {
         match ev {
-            Event::Done { topic, partition, generation, hold, finish } => {
+            Event::Done {
+                topic,
+                partition,
+                generation,
+                hold,
+                finish,
+            } => {
                 if let Some(p) = self.part_mut(&topic, partition) {
                     if p.generation == generation {
                         p.queued = p.queued.saturating_sub(1);
@@ -354,10 +455,14 @@ impl Engine {
                     }
                 }
             }
-            Event::Stopped { topic, partition, generation } => {
+            Event::Stopped {
+                topic,
+                partition,
+                generation,
+            } => {
                 if let Some(p) = self.part_mut(&topic, partition) {
                     if p.generation == generation {
-                        p.stopped = true;
+                        p.running = p.running.saturating_sub(1);
                     }
                 }
             }
@@ -374,9 +479,12 @@ impl Engine {
     fn wait_stopped(&mut self, tps: &[(Arc<str>, i32)], deadline: Instant) -> bool {
         loop {
             self.drain_events();
-            let all = tps
-                .iter()
-                .all(|(t, p)| self.parts.get(t).and_then(|m| m.get(p)).is_none_or(|p| p.stopped));
+            let all = tps.iter().all(|(t, p)| {
+                self.parts
+                    .get(t)
+                    .and_then(|m| m.get(p))
+                    .is_none_or(|p| p.running == 0)
+            });
             if all {
                 return true;
             }
@@ -384,7 +492,10 @@ impl Engine {
             if left.is_zero() {
                 return false;
             }
-            match self.events_rx.recv_timeout(left.min(Duration::from_millis(50))) {
+            match self
+                .events_rx
+                .recv_timeout(left.min(Duration::from_millis(50)))
+            {
                 Ok(ev) => self.apply(ev),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return false,
@@ -402,7 +513,7 @@ impl Engine {
         if !self.wait_stopped(tps, Instant::now() + grace) {
             for (t, n) in tps {
                 if let Some(p) = self.part_mut(t, *n) {
-                    if !p.stopped {
+                    if p.running > 0 {
                         warn!(topic = %t, partition = *n, grace_ms = grace.as_millis() as u64, "in-flight delivery cut off; the next owner redelivers it");
                         p.cut.cancel();
                     }
@@ -413,11 +524,17 @@ impl Engine {
     }
 
     /// Commits the safe offsets of `tps` synchronously.
-    fn commit_sync<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tps: &[(Arc<str>, i32)]) {
+    fn commit_sync<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tps: &[(Arc<str>, i32)],
+    ) {
         let mut tpl = TopicPartitionList::new();
         let mut points = Vec::new();
         for (t, n) in tps {
-            let Some(p) = self.part_mut(t, *n) else { continue };
+            let Some(p) = self.part_mut(t, *n) else {
+                continue;
+            };
             if let Some(cp) = p.offsets.final_commit_point() {
                 if cp.dropped > 0 {
                     self.metrics.skip_set_overflow.inc_by(cp.dropped as u64);
@@ -435,7 +552,10 @@ impl Engine {
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
-                self.metrics.offset_commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "ok" })
+                    .inc();
                 for (t, n, cp) in points {
                     if let Some(p) = self.part_mut(&t, n) {
                         p.offsets.committed_at(cp.offset);
@@ -444,7 +564,10 @@ impl Engine {
                 }
             }
             Err(e) => {
-                self.metrics.offset_commits.get_or_create(&ResultLabel { result: "error" }).inc();
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
                 warn!(error = %e, "offset commit failed; the next owner replays from the last committed offset");
             }
         }
@@ -465,7 +588,10 @@ impl Engine {
         }
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                metrics.offset_commits.get_or_create(&ResultLabel { result: "error" }).inc();
+                metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
                 warn!(error = %e, "offset commit could not be sent");
             }
         }
@@ -474,10 +600,16 @@ impl Engine {
     fn on_commit_result(&mut self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => {
-                self.metrics.offset_commits.get_or_create(&ResultLabel { result: "ok" }).inc();
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "ok" })
+                    .inc();
             }
             Err(e) => {
-                self.metrics.offset_commits.get_or_create(&ResultLabel { result: "error" }).inc();
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
                 warn!(error = %e, "offset commit failed, will retry");
                 for el in offsets.elements() {
                     if let Some(p) = self.part_mut(el.topic(), el.partition()) {
@@ -518,7 +650,11 @@ impl Engine {
         let timeout = self.cfg.txn_timeout.as_millis() as i64;
         let now = now_ms();
         for p in self.all_parts_mut() {
-            let reference = if p.caught_up { now.max(p.last_log_ms) } else { p.last_log_ms };
+            let reference = if p.caught_up {
+                now.max(p.last_log_ms)
+            } else {
+                p.last_log_ms
+            };
             let expired: Vec<String> = p
                 .store
                 .open()
@@ -540,7 +676,15 @@ impl Engine {
                     error: format!("no commit or abort within {age_ms} ms of the first task"),
                     attempts: 0,
                 };
-                send(p, Work::DeadLetter { dead, hold, finish: None, outcome: Some(Outcome::expired) });
+                send(
+                    p,
+                    Work::DeadLetter(DlqWork {
+                        dead,
+                        hold,
+                        finish: None,
+                        outcome: Some(Outcome::expired),
+                    }),
+                );
             }
             p.overflowed.retain(|_, ts| reference - *ts <= timeout);
         }
@@ -554,16 +698,27 @@ impl Engine {
         let budget = self.cfg.limits.max_staged_bytes;
         if staged > budget {
             if !self.over_budget {
-                warn!(staged, budget, "staged bytes over budget, pausing partitions");
+                warn!(
+                    staged,
+                    budget, "staged bytes over budget, pausing partitions"
+                );
             }
             self.over_budget = true;
         } else if self.over_budget && staged <= budget / 10 * 9 {
             self.over_budget = false;
-            info!(staged, budget, "staged bytes back under budget, resuming partitions");
+            info!(
+                staged,
+                budget, "staged bytes back under budget, resuming partitions"
+            );
         }
         let head = if self.over_budget {
             self.all_parts()
-                .flat_map(|p| p.store.open().into_iter().map(move |t| (t.opened_ms, p.topic.clone(), p.partition)))
+                .flat_map(|p| {
+                    p.store
+                        .open()
+                        .into_iter()
+                        .map(move |t| (t.opened_ms, p.topic.clone(), p.partition))
+                })
                 .min_by_key(|(ms, _, _)| *ms)
                 .map(|(_, t, n)| (t, n))
         } else {
@@ -576,7 +731,9 @@ impl Engine {
         let mut resume = TopicPartitionList::new();
         let mut changed = Vec::new();
         for p in self.all_parts_mut() {
-            let is_head = head.as_ref().is_some_and(|(t, n)| *t == p.topic && *n == p.partition);
+            let is_head = head
+                .as_ref()
+                .is_some_and(|(t, n)| *t == p.topic && *n == p.partition);
             let want = shutting_down || p.queued >= max_queued || (over && !is_head);
             if want != p.paused {
                 let list = if want { &mut pause } else { &mut resume };
@@ -606,8 +763,14 @@ impl Engine {
         let mut partitions = Vec::new();
         let mut txns = Vec::new();
         for p in self.all_parts() {
-            let label = PartitionLabel { topic: p.topic.to_string(), partition: p.partition };
-            self.metrics.commit_lag.get_or_create(&label).set(p.offsets.replay_cost());
+            let label = PartitionLabel {
+                topic: p.topic.to_string(),
+                partition: p.partition,
+            };
+            self.metrics
+                .commit_lag
+                .get_or_create(&label)
+                .set(p.offsets.replay_cost());
             partitions.push(PartitionView {
                 topic: p.topic.to_string(),
                 partition: p.partition,
@@ -636,7 +799,9 @@ impl Engine {
             }
         }
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        txns.sort_by(|a, b| (&a.topic, a.partition, a.first_offset).cmp(&(&b.topic, b.partition, b.first_offset)));
+        txns.sort_by(|a, b| {
+            (&a.topic, a.partition, a.first_offset).cmp(&(&b.topic, b.partition, b.first_offset))
+        });
         if let Ok(mut s) = self.snapshot.lock() {
             s.partitions = partitions;
             s.transactions = txns;
@@ -656,7 +821,10 @@ impl Engine {
                         p.caught_up = p.consumer_lag == 0;
                         metrics
                             .consumer_lag
-                            .get_or_create(&PartitionLabel { topic: tname.clone(), partition: *n })
+                            .get_or_create(&PartitionLabel {
+                                topic: tname.clone(),
+                                partition: *n,
+                            })
                             .set(p.consumer_lag);
                     }
                 }
@@ -665,7 +833,10 @@ impl Engine {
     }
 
     fn assign<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
-        self.metrics.rebalances.get_or_create(&RebalanceLabel { kind: "assign" }).inc();
+        self.metrics
+            .rebalances
+            .get_or_create(&RebalanceLabel { kind: "assign" })
+            .inc();
         if let Ok(mut s) = self.snapshot.lock() {
             s.joined = true;
         }
@@ -698,14 +869,14 @@ impl Engine {
             self.generation += 1;
             let generation = self.generation;
             let (tx, rx) = unbounded_channel();
+            let (dlq_tx, dlq_rx) = unbounded_channel();
             let stop = CancellationToken::new();
             let cut = CancellationToken::new();
-            let worker = Worker {
+            let lane = DlqLane {
                 topic: topic.clone(),
                 partition,
                 generation,
-                rx,
-                deliverer: self.deliverer.clone(),
+                rx: dlq_rx,
                 dlq: self.dlq.clone(),
                 events: self.events_tx.clone(),
                 stop: stop.clone(),
@@ -714,7 +885,20 @@ impl Engine {
                 initial_backoff: self.cfg.retry.initial_backoff,
                 max_backoff: self.cfg.retry.max_backoff,
             };
+            let worker = Worker {
+                topic: topic.clone(),
+                partition,
+                generation,
+                rx,
+                deliverer: self.deliverer.clone(),
+                lane: dlq_tx.clone(),
+                events: self.events_tx.clone(),
+                stop: stop.clone(),
+                cut: cut.clone(),
+                metrics: self.metrics.clone(),
+            };
             self.tracker.spawn_on(worker.run(), &self.rt);
+            self.tracker.spawn_on(lane.run(), &self.rt);
             info!(topic = %topic, partition, committed = offset.unwrap_or(-1), "partition assigned");
             let part = Part {
                 topic: topic.clone(),
@@ -725,10 +909,11 @@ impl Engine {
                 overflowed: HashMap::new(),
                 recent_commits: RecentIds::default(),
                 tx,
+                dlq_tx,
                 queued: 0,
                 stop,
                 cut,
-                stopped: false,
+                running: 2,
                 paused: false,
                 last_log_ms: 0,
                 caught_up: false,
@@ -742,7 +927,10 @@ impl Engine {
     }
 
     fn revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
-        self.metrics.rebalances.get_or_create(&RebalanceLabel { kind: "revoke" }).inc();
+        self.metrics
+            .rebalances
+            .get_or_create(&RebalanceLabel { kind: "revoke" })
+            .inc();
         let tps: Vec<(Arc<str>, i32)> = tpl
             .elements()
             .iter()
@@ -770,8 +958,14 @@ impl Engine {
                     self.parts.remove(t);
                 }
             }
-            self.metrics.commit_lag.remove(&PartitionLabel { topic: t.to_string(), partition: *n });
-            self.metrics.consumer_lag.remove(&PartitionLabel { topic: t.to_string(), partition: *n });
+            self.metrics.commit_lag.remove(&PartitionLabel {
+                topic: t.to_string(),
+                partition: *n,
+            });
+            self.metrics.consumer_lag.remove(&PartitionLabel {
+                topic: t.to_string(),
+                partition: *n,
+            });
         }
         let n: usize = self.parts.values().map(HashMap::len).sum();
         self.metrics.assigned_partitions.set(n as i64);
@@ -782,14 +976,27 @@ impl Engine {
     fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         self.shutting_down = true;
         self.back_pressure(consumer);
-        let tps: Vec<(Arc<str>, i32)> = self.all_parts().map(|p| (p.topic.clone(), p.partition)).collect();
-        info!(partitions = tps.len(), grace_ms = self.cfg.shutdown_grace.as_millis() as u64, "draining");
+        let tps: Vec<(Arc<str>, i32)> = self
+            .all_parts()
+            .map(|p| (p.topic.clone(), p.partition))
+            .collect();
+        info!(
+            partitions = tps.len(),
+            grace_ms = self.cfg.shutdown_grace.as_millis() as u64,
+            "draining"
+        );
         self.stop_workers(&tps, self.cfg.shutdown_grace);
         self.commit_sync(consumer, &tps);
     }
 }
 
-fn add_offset(tpl: &mut TopicPartitionList, topic: &str, partition: i32, offset: i64, metadata: &str) -> KafkaResult<()> {
+fn add_offset(
+    tpl: &mut TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    metadata: &str,
+) -> KafkaResult<()> {
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     if let Some(mut el) = tpl.find_partition(topic, partition) {
         el.set_metadata(metadata);
@@ -813,16 +1020,98 @@ fn send(p: &mut Part, work: Work) {
     p.queued += 1;
     // A closed channel means the worker is gone (revoke in progress); the hold stays,
     // so the offset is not committed past this work and the next owner redoes it.
-    let _ = p.tx.send(work);
+    match work {
+        Work::Deliver(txn) => {
+            let _ = p.tx.send(txn);
+        }
+        Work::DeadLetter(d) => {
+            let _ = p.dlq_tx.send(d);
+        }
+    }
 }
 
-/// Delivers one partition's work in order.
+/// Delivers one partition's committed transactions in marker order, one in flight.
 struct Worker {
     topic: Arc<str>,
     partition: i32,
     generation: u64,
-    rx: UnboundedReceiver<Work>,
+    rx: UnboundedReceiver<ReadyTxn>,
     deliverer: Deliverer,
+    lane: UnboundedSender<DlqWork>,
+    events: Sender<Event>,
+    stop: CancellationToken,
+    cut: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let txn = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                w = self.rx.recv() => match w { Some(w) => w, None => break },
+            };
+            match self.deliverer.deliver(&txn, &self.cut).await {
+                Delivered::Ok { attempts } => {
+                    let m = &self.metrics;
+                    m.outcome(Outcome::delivered);
+                    m.transaction_tasks.observe(txn.tasks.len() as f64);
+                    m.commit_to_delivery
+                        .observe(txn.committed_at.elapsed().as_secs_f64());
+                    info!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, tasks = txn.tasks.len(), attempts, "delivered");
+                    let _ = self.events.send(Event::Done {
+                        topic: self.topic.clone(),
+                        partition: self.partition,
+                        generation: self.generation,
+                        hold: txn.first_offset,
+                        finish: Some(txn.commit_offset),
+                    });
+                }
+                Delivered::Failed {
+                    reason,
+                    error,
+                    attempts,
+                } => {
+                    let hold = txn.first_offset;
+                    let finish = Some(txn.commit_offset);
+                    let mut records = txn.tasks;
+                    records.push(txn.marker);
+                    let dead = DeadTxn {
+                        topic: txn.topic,
+                        partition: txn.partition,
+                        id: Some(txn.id),
+                        records,
+                        reason,
+                        error,
+                        attempts,
+                    };
+                    // The lane reports `Done` once the write is acknowledged; until then
+                    // the hold keeps the offset here while later transactions proceed.
+                    let _ = self.lane.send(DlqWork {
+                        dead,
+                        hold,
+                        finish,
+                        outcome: Some(Outcome::dead_lettered),
+                    });
+                }
+                Delivered::Cancelled => break,
+            }
+        }
+        let _ = self.events.send(Event::Stopped {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            generation: self.generation,
+        });
+    }
+}
+
+/// Writes one partition's dead letters in order, retrying until acknowledged.
+struct DlqLane {
+    topic: Arc<str>,
+    partition: i32,
+    generation: u64,
+    rx: UnboundedReceiver<DlqWork>,
     dlq: DeadLetterWriter,
     events: Sender<Event>,
     stop: CancellationToken,
@@ -832,25 +1121,23 @@ struct Worker {
     max_backoff: Duration,
 }
 
-impl Worker {
+impl DlqLane {
     async fn run(mut self) {
         loop {
-            let work = tokio::select! {
+            let w = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
                 w = self.rx.recv() => match w { Some(w) => w, None => break },
             };
-            let done = match work {
-                Work::Deliver(txn) => self.deliver(txn).await,
-                Work::DeadLetter { dead, hold, finish, outcome } => self.dead_letter(&dead, outcome).await.then_some((hold, finish)),
-            };
-            let Some((hold, finish)) = done else { break };
+            if !self.dead_letter(&w.dead, w.outcome).await {
+                break;
+            }
             let _ = self.events.send(Event::Done {
                 topic: self.topic.clone(),
                 partition: self.partition,
                 generation: self.generation,
-                hold,
-                finish,
+                hold: w.hold,
+                finish: w.finish,
             });
         }
         let _ = self.events.send(Event::Stopped {
@@ -858,37 +1145,6 @@ impl Worker {
             partition: self.partition,
             generation: self.generation,
         });
-    }
-
-    /// Returns the hold and finish offsets when the transaction is settled.
-    async fn deliver(&self, txn: ReadyTxn) -> Option<(i64, Option<i64>)> {
-        match self.deliverer.deliver(&txn, &self.cut).await {
-            Delivered::Ok { attempts } => {
-                let m = &self.metrics;
-                m.outcome(Outcome::delivered);
-                m.transaction_tasks.observe(txn.tasks.len() as f64);
-                m.commit_to_delivery.observe(txn.committed_at.elapsed().as_secs_f64());
-                info!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, tasks = txn.tasks.len(), attempts, "delivered");
-                Some((txn.first_offset, Some(txn.commit_offset)))
-            }
-            Delivered::Failed { reason, error, attempts } => {
-                let hold = txn.first_offset;
-                let finish = txn.commit_offset;
-                let mut records = txn.tasks;
-                records.push(txn.marker);
-                let dead = DeadTxn {
-                    topic: txn.topic,
-                    partition: txn.partition,
-                    id: Some(txn.id),
-                    records,
-                    reason,
-                    error,
-                    attempts,
-                };
-                self.dead_letter(&dead, Some(Outcome::dead_lettered)).await.then_some((hold, Some(finish)))
-            }
-            Delivered::Cancelled => None,
-        }
     }
 
     /// Writes `dead` until acknowledged; `false` if cut off first.
@@ -901,7 +1157,12 @@ impl Worker {
             };
             match r {
                 Ok(()) => {
-                    self.metrics.dead_letters.get_or_create(&ReasonLabel { reason: dead.reason.to_string() }).inc();
+                    self.metrics
+                        .dead_letters
+                        .get_or_create(&ReasonLabel {
+                            reason: dead.reason.to_string(),
+                        })
+                        .inc();
                     if let Some(o) = outcome {
                         self.metrics.outcome(o);
                     }
@@ -957,7 +1218,9 @@ impl ClientContext for SidecarContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => error!(facility = fac, "librdkafka: {log_message}"),
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                error!(facility = fac, "librdkafka: {log_message}")
+            }
             L::Warning => warn!(facility = fac, "librdkafka: {log_message}"),
             L::Notice | L::Info => info!(facility = fac, "librdkafka: {log_message}"),
             L::Debug => debug!(facility = fac, "librdkafka: {log_message}"),
@@ -973,13 +1236,21 @@ impl ConsumerContext for SidecarContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                info!(partitions = tpl.count(), protocol = kafka::protocol_name(consumer), "rebalance: revoking");
+                info!(
+                    partitions = tpl.count(),
+                    protocol = kafka::protocol_name(consumer),
+                    "rebalance: revoking"
+                );
                 self.engine().revoke(consumer, tpl);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 let engine = self.engine();
-                engine.metrics.rebalances.get_or_create(&RebalanceLabel { kind: "error" }).inc();
+                engine
+                    .metrics
+                    .rebalances
+                    .get_or_create(&RebalanceLabel { kind: "error" })
+                    .inc();
                 warn!(error = %e, "rebalance error");
             }
         }
@@ -987,7 +1258,11 @@ impl ConsumerContext for SidecarContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            info!(partitions = tpl.count(), protocol = kafka::protocol_name(consumer), "rebalance: assigned");
+            info!(
+                partitions = tpl.count(),
+                protocol = kafka::protocol_name(consumer),
+                "rebalance: assigned"
+            );
             self.engine().assign(consumer, tpl);
         }
     }
@@ -1009,6 +1284,9 @@ pub enum PipelineError {
     #[error("fatal kafka error: {0}")]
     Fatal(String),
 }
+
+/// How long closing the consumer (leaving the group) may take at shutdown.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs the consumer loop on the calling (dedicated) thread until `shutdown` fires.
 pub fn consume(
@@ -1040,19 +1318,29 @@ pub fn consume(
                 result = Err(PipelineError::Fatal(code.to_string()));
                 break;
             }
-            Some(Err(e)) => {
-                // Broker outages surface here; librdkafka reconnects by itself.
-                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    warn!(error = %e, "consumer error (librdkafka retries)");
-                    last_error = Some(Instant::now());
-                }
+            // Broker outages surface here; librdkafka reconnects by itself.
+            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
+                warn!(error = %e, "consumer error (librdkafka retries)");
+                last_error = Some(Instant::now());
             }
+            Some(Err(_)) => {}
             None => {}
         }
         lock(&engine).tick(&consumer);
     }
     lock(&engine).drain(&consumer);
     info!("leaving the consumer group");
-    drop(consumer);
+    // Leaving needs a broker; with none reachable librdkafka's close waits out the
+    // session timeout. Offsets are already committed (or cannot be), so bound the wait.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::Builder::new()
+        .name("txn-sidecar-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done_tx.send(());
+        });
+    if closer.is_ok() && done_rx.recv_timeout(CLOSE_DEADLINE).is_err() {
+        warn!(deadline_ms = CLOSE_DEADLINE.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+    }
     result
 }

@@ -31,7 +31,15 @@ impl ProduceError {
         match self {
             ProduceError::Kafka(e) => e.rdkafka_error_code().is_some_and(|c| {
                 use rdkafka::types::RDKafkaErrorCode as C;
-                matches!(c, C::BrokerTransportFailure | C::AllBrokersDown | C::RequestTimedOut | C::NotCoordinator | C::CoordinatorLoadInProgress | C::CoordinatorNotAvailable)
+                matches!(
+                    c,
+                    C::BrokerTransportFailure
+                        | C::AllBrokersDown
+                        | C::RequestTimedOut
+                        | C::NotCoordinator
+                        | C::CoordinatorLoadInProgress
+                        | C::CoordinatorNotAvailable
+                )
             }),
             ProduceError::NoTopic(_) => false,
         }
@@ -93,7 +101,10 @@ impl TxnProducer {
     }
 
     fn partition_for(&self, topic: &str, id: &str) -> Result<i32, ProduceError> {
-        let md = self.producer.client().fetch_metadata(Some(topic), self.timeout)?;
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), self.timeout)?;
         let n = md
             .topics()
             .iter()
@@ -107,7 +118,13 @@ impl TxnProducer {
 
     /// Writes `tasks` then a commit marker (or an abort marker when `abort`) for `id`,
     /// atomically; returns once the Kafka transaction is committed.
-    pub fn send(&self, topic: &str, id: &str, tasks: &[TaskRecord], abort: bool) -> Result<(), ProduceError> {
+    pub fn send(
+        &self,
+        topic: &str,
+        id: &str,
+        tasks: &[TaskRecord],
+        abort: bool,
+    ) -> Result<(), ProduceError> {
         let partition = match self.protocol {
             Protocol::Headers => None,
             Protocol::KeyPrefix => Some(self.partition_for(topic, id)?),
@@ -117,13 +134,24 @@ impl TxnProducer {
             for t in tasks {
                 let mut headers = OwnedHeaders::new();
                 for (k, v) in &t.headers {
-                    headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    });
                 }
                 self.send_one(topic, partition, id, "task", None, Some(&t.value), headers)?;
             }
             let kind = if abort { "abort" } else { "commit" };
             let count = (!abort).then(|| tasks.len().to_string());
-            self.send_one(topic, partition, id, kind, count.as_deref(), None, OwnedHeaders::new())?;
+            self.send_one(
+                topic,
+                partition,
+                id,
+                kind,
+                count.as_deref(),
+                None,
+                OwnedHeaders::new(),
+            )?;
             Ok(())
         })();
         match result {
@@ -152,8 +180,14 @@ impl TxnProducer {
         let key = match self.protocol {
             Protocol::Headers => {
                 headers = headers
-                    .insert(Header { key: &self.names.id, value: Some(id.as_bytes()) })
-                    .insert(Header { key: &self.names.kind, value: Some(kind.as_bytes()) });
+                    .insert(Header {
+                        key: &self.names.id,
+                        value: Some(id.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: &self.names.kind,
+                        value: Some(kind.as_bytes()),
+                    });
                 id.to_string()
             }
             Protocol::KeyPrefix => {
@@ -162,16 +196,22 @@ impl TxnProducer {
             }
         };
         if let Some(c) = count {
-            headers = headers.insert(Header { key: &self.names.count, value: Some(c.as_bytes()) });
+            headers = headers.insert(Header {
+                key: &self.names.count,
+                value: Some(c.as_bytes()),
+            });
         }
-        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(key.as_str()).headers(headers);
+        let mut rec: BaseRecord<'_, str, [u8]> =
+            BaseRecord::to(topic).key(key.as_str()).headers(headers);
         if let Some(v) = value {
             rec = rec.payload(v);
         }
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
-        self.producer.send(rec).map_err(|(e, _)| ProduceError::Kafka(e))
+        self.producer
+            .send(rec)
+            .map_err(|(e, _)| ProduceError::Kafka(e))
     }
 }
 
@@ -227,7 +267,10 @@ mod tests {
         assert_eq!(murmur2(b"foobar") as i32, -790332482);
         assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
         assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
         assert_eq!(murmur2(b"abc") as i32, 479470107);
     }
 }

@@ -101,11 +101,15 @@ impl DecodeError {
 }
 
 /// Decodes `record` under `protocol`.
-pub fn decode(record: &Record, protocol: Protocol, names: &HeaderNames) -> Result<Marker, DecodeError> {
+pub fn decode(
+    record: &Record,
+    protocol: Protocol,
+    names: &HeaderNames,
+) -> Result<Marker, DecodeError> {
     // Everything a task carries to the app must be text, so check it up front.
     for (name, value) in &record.headers {
-        let name = std::str::from_utf8(name)
-            .map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
+        let name =
+            std::str::from_utf8(name).map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
         if let Some(v) = value {
             if std::str::from_utf8(v).is_err() {
                 return Err(DecodeError::NotUtf8(format!("header {name:?}")));
@@ -113,7 +117,9 @@ pub fn decode(record: &Record, protocol: Protocol, names: &HeaderNames) -> Resul
         }
     }
     let key = match &record.key {
-        Some(k) => Some(std::str::from_utf8(k).map_err(|_| DecodeError::NotUtf8("the record key".into()))?),
+        Some(k) => Some(
+            std::str::from_utf8(k).map_err(|_| DecodeError::NotUtf8("the record key".into()))?,
+        ),
         None => None,
     };
     let header_text = |name: &str| -> Option<&str> {
@@ -218,23 +224,70 @@ mod tests {
     #[test]
     fn headers_protocol() {
         let n = names();
-        let m = decode(&rec(Some(b"k"), &[("txn-type", b"task"), ("txn-id", b"a")]), Protocol::Headers, &n).unwrap();
-        assert_eq!(m, Marker { id: "a".into(), kind: Kind::Task });
-        let m = decode(&rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"3")]), Protocol::Headers, &n).unwrap();
-        assert_eq!(m, Marker { id: "k".into(), kind: Kind::Commit { count: Some(3) } });
-        let m = decode(&rec(Some(b"k"), &[("txn-type", b"abort")]), Protocol::Headers, &n).unwrap();
+        let m = decode(
+            &rec(Some(b"k"), &[("txn-type", b"task"), ("txn-id", b"a")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Marker {
+                id: "a".into(),
+                kind: Kind::Task
+            }
+        );
+        let m = decode(
+            &rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"3")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            Marker {
+                id: "k".into(),
+                kind: Kind::Commit { count: Some(3) }
+            }
+        );
+        let m = decode(
+            &rec(Some(b"k"), &[("txn-type", b"abort")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap();
         assert_eq!(m.kind, Kind::Abort);
         let e = decode(&rec(Some(b"k"), &[]), Protocol::Headers, &n).unwrap_err();
         assert_eq!(e.reason(), "missing_type");
-        let e = decode(&rec(Some(b"k"), &[("txn-type", b"maybe")]), Protocol::Headers, &n).unwrap_err();
+        let e = decode(
+            &rec(Some(b"k"), &[("txn-type", b"maybe")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "unknown_type");
         let e = decode(&rec(None, &[("txn-type", b"task")]), Protocol::Headers, &n).unwrap_err();
         assert_eq!(e.reason(), "missing_id");
-        let e = decode(&rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"x")]), Protocol::Headers, &n).unwrap_err();
+        let e = decode(
+            &rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"x")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "invalid_count");
-        let e = decode(&rec(Some(&[0xff, 0xfe]), &[("txn-type", b"task")]), Protocol::Headers, &n).unwrap_err();
+        let e = decode(
+            &rec(Some(&[0xff, 0xfe]), &[("txn-type", b"task")]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "not_utf8");
-        let e = decode(&rec(Some(b"k"), &[("txn-type", b"task"), ("h", &[0xc3])]), Protocol::Headers, &n).unwrap_err();
+        let e = decode(
+            &rec(Some(b"k"), &[("txn-type", b"task"), ("h", &[0xc3])]),
+            Protocol::Headers,
+            &n,
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "not_utf8");
     }
 
@@ -242,8 +295,17 @@ mod tests {
     fn key_prefix_protocol() {
         let n = names();
         let d = |k: &[u8]| decode(&rec(Some(k), &[]), Protocol::KeyPrefix, &n);
-        assert_eq!(d(b"task-order-1").unwrap(), Marker { id: "order-1".into(), kind: Kind::Task });
-        assert_eq!(d(b"commit-order-1").unwrap().kind, Kind::Commit { count: None });
+        assert_eq!(
+            d(b"task-order-1").unwrap(),
+            Marker {
+                id: "order-1".into(),
+                kind: Kind::Task
+            }
+        );
+        assert_eq!(
+            d(b"commit-order-1").unwrap().kind,
+            Kind::Commit { count: None }
+        );
         assert_eq!(d(b"clear-order-1").unwrap().kind, Kind::Abort);
         assert_eq!(d(b"order-1").unwrap_err().reason(), "bad_key_prefix");
         assert_eq!(d(b"task-").unwrap_err().reason(), "missing_id");

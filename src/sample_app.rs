@@ -33,7 +33,11 @@ pub async fn serve(
         .await
 }
 
-async fn receive(State(sink): State<UnboundedSender<Received>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(
+    State(sink): State<UnboundedSender<Received>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return StatusCode::BAD_REQUEST;
     };
@@ -42,18 +46,29 @@ async fn receive(State(sink): State<UnboundedSender<Received>>, headers: HeaderM
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let _ = sink.send(Received { idempotency_key, body });
+    let _ = sink.send(Received {
+        idempotency_key,
+        body,
+    });
     StatusCode::OK
 }
 
 /// Runs the app standalone, printing one JSON line per transaction to stdout.
-pub async fn run_printing(addr: SocketAddr, path: &str, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run_printing(
+    addr: SocketAddr,
+    path: &str,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!("sample app listening on http://{}{path}", listener.local_addr()?);
+    eprintln!(
+        "sample app listening on http://{}{path}",
+        listener.local_addr()?
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
     tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
-            let line = serde_json::json!({"idempotency_key": r.idempotency_key, "transaction": r.body});
+            let line =
+                serde_json::json!({"idempotency_key": r.idempotency_key, "transaction": r.body});
             println!("{line}");
         }
     });

@@ -38,7 +38,12 @@ pub async fn wait_tasks(tracker: &TaskTracker, stage: &str, deadline: Duration) 
     match tokio::time::timeout(deadline, tracker.wait()).await {
         Ok(()) => true,
         Err(_) => {
-            tracing::warn!(stage, remaining = tracker.len(), deadline_ms = deadline.as_millis() as u64, "tasks still running at the drain deadline, abandoning them");
+            tracing::warn!(
+                stage,
+                remaining = tracker.len(),
+                deadline_ms = deadline.as_millis() as u64,
+                "tasks still running at the drain deadline, abandoning them"
+            );
             false
         }
     }

@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(s.bytes(), 7);
         let a = s.take("a").unwrap();
         assert_eq!(a.first_offset, 1);
-        assert_eq!(a.tasks.iter().map(|t| t.offset).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            a.tasks.iter().map(|t| t.offset).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         assert_eq!(s.bytes(), 3);
         assert!(s.take("a").is_none());
         s.clear();

@@ -140,7 +140,8 @@ pub struct Metrics {
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
     [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0,
     ]
     .into_iter()
 }
@@ -155,7 +156,9 @@ impl Metrics {
             dead_letters: Family::default(),
             open_transactions: Gauge::default(),
             staged_bytes: Gauge::default(),
-            transaction_tasks: Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0, 10000.0].into_iter()),
+            transaction_tasks: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0, 10000.0,
+            ]),
             delivery_duration: Histogram::new(seconds_buckets()),
             delivery_attempts: Family::default(),
             commit_to_delivery: Histogram::new(seconds_buckets()),
@@ -170,22 +173,86 @@ impl Metrics {
             build_info: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("records_consumed", "Records consumed, by kind", m.records_consumed.clone());
-        registry.register("transactions", "Transactions by final outcome", m.transactions.clone());
-        registry.register("dead_letters", "Transactions and records written to the dead-letter topic, by reason", m.dead_letters.clone());
-        registry.register("open_transactions", "Transactions staged and waiting for their marker", m.open_transactions.clone());
-        registry.register("staged_bytes", "Bytes staged across open transactions", m.staged_bytes.clone());
-        registry.register("transaction_tasks", "Tasks per committed transaction", m.transaction_tasks.clone());
-        registry.register("delivery_duration_seconds", "Time to deliver one transaction, all attempts included", m.delivery_duration.clone());
-        registry.register("delivery_attempts", "HTTP delivery attempts by result", m.delivery_attempts.clone());
-        registry.register("commit_to_delivery_seconds", "Time from consuming a commit marker to the app accepting the transaction", m.commit_to_delivery.clone());
-        registry.register("transaction_open_seconds", "Time a transaction stayed open, first task to marker (log time)", m.transaction_open.clone());
-        registry.register("rebalances", "Rebalance callbacks by kind", m.rebalances.clone());
-        registry.register("assigned_partitions", "Partitions assigned to this member", m.assigned_partitions.clone());
-        registry.register("paused_partitions", "Assigned partitions currently paused for back-pressure", m.paused_partitions.clone());
-        registry.register("consumer_lag_records", "Records between the consumed position and the high watermark (librdkafka statistics)", m.consumer_lag.clone());
-        registry.register("commit_lag_records", "Records between the committed and the consumed offset: what a crash would replay", m.commit_lag.clone());
-        registry.register("offset_commits", "Offset commits by result", m.offset_commits.clone());
+        registry.register(
+            "records_consumed",
+            "Records consumed, by kind",
+            m.records_consumed.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Transactions by final outcome",
+            m.transactions.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Transactions and records written to the dead-letter topic, by reason",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "open_transactions",
+            "Transactions staged and waiting for their marker",
+            m.open_transactions.clone(),
+        );
+        registry.register(
+            "staged_bytes",
+            "Bytes staged across open transactions",
+            m.staged_bytes.clone(),
+        );
+        registry.register(
+            "transaction_tasks",
+            "Tasks per committed transaction",
+            m.transaction_tasks.clone(),
+        );
+        registry.register(
+            "delivery_duration_seconds",
+            "Time to deliver one transaction, all attempts included",
+            m.delivery_duration.clone(),
+        );
+        registry.register(
+            "delivery_attempts",
+            "HTTP delivery attempts by result",
+            m.delivery_attempts.clone(),
+        );
+        registry.register(
+            "commit_to_delivery_seconds",
+            "Time from consuming a commit marker to the app accepting the transaction",
+            m.commit_to_delivery.clone(),
+        );
+        registry.register(
+            "transaction_open_seconds",
+            "Time a transaction stayed open, first task to marker (log time)",
+            m.transaction_open.clone(),
+        );
+        registry.register(
+            "rebalances",
+            "Rebalance callbacks by kind",
+            m.rebalances.clone(),
+        );
+        registry.register(
+            "assigned_partitions",
+            "Partitions assigned to this member",
+            m.assigned_partitions.clone(),
+        );
+        registry.register(
+            "paused_partitions",
+            "Assigned partitions currently paused for back-pressure",
+            m.paused_partitions.clone(),
+        );
+        registry.register(
+            "consumer_lag_records",
+            "Records between the consumed position and the high watermark (librdkafka statistics)",
+            m.consumer_lag.clone(),
+        );
+        registry.register(
+            "commit_lag_records",
+            "Records between the committed and the consumed offset: what a crash would replay",
+            m.commit_lag.clone(),
+        );
+        registry.register(
+            "offset_commits",
+            "Offset commits by result",
+            m.offset_commits.clone(),
+        );
         registry.register("skip_set_overflow", "Finished transactions that did not fit into the offset-commit metadata and may be redelivered after a handoff", m.skip_set_overflow.clone());
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info
@@ -194,7 +261,12 @@ impl Metrics {
             })
             .set(1);
         // Pre-create the label values operators alert on, so rates exist from the start.
-        for kind in [RecordKind::task, RecordKind::commit, RecordKind::abort, RecordKind::invalid] {
+        for kind in [
+            RecordKind::task,
+            RecordKind::commit,
+            RecordKind::abort,
+            RecordKind::invalid,
+        ] {
             let _ = m.records_consumed.get_or_create(&KindLabel { kind });
         }
         for outcome in [
@@ -222,12 +294,16 @@ impl Metrics {
 
     /// Counts a transaction outcome.
     pub fn outcome(&self, outcome: Outcome) {
-        self.transactions.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.transactions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Counts a consumed record.
     pub fn consumed(&self, kind: RecordKind) {
-        self.records_consumed.get_or_create(&KindLabel { kind }).inc();
+        self.records_consumed
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// Prometheus text exposition.
@@ -259,6 +335,12 @@ pub fn init_logging(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init()
+        }
     };
 }

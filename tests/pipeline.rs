@@ -14,7 +14,9 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn interleaved_transactions_arrive_whole_in_commit_order_and_aborts_never() {
     let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
-    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[])).await.unwrap();
+    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
 
     kafka.task(T, 0, "a", r#"{"n":"a1"}"#); // 0
     kafka.task(T, 0, "b", r#"{"n":"b1"}"#); // 1
@@ -29,9 +31,16 @@ async fn interleaved_transactions_arrive_whole_in_commit_order_and_aborts_never(
     let got = app.wait_accepted(3, WAIT).await;
     assert_eq!(app.accepted_ids(), vec!["b", "a", "c"]);
     assert_eq!(got[0].task_values(), vec![json!({"n": "b1"})]);
-    assert_eq!(got[1].task_values(), vec![json!({"n": "a1"}), json!({"n": "a2"})]);
+    assert_eq!(
+        got[1].task_values(),
+        vec![json!({"n": "a1"}), json!({"n": "a2"})]
+    );
     assert_eq!(got[1].task_offsets(), vec![0, 3]);
-    assert_eq!(got[2].task_values(), vec![json!({"n": "c-new"})], "aborted tasks must not reappear");
+    assert_eq!(
+        got[2].task_values(),
+        vec![json!({"n": "c-new"})],
+        "aborted tasks must not reappear"
+    );
     assert_eq!(got[1].idempotency_key, "orders.tx/0/7");
     assert_eq!(got[1].txn_id_header, "a");
     assert_eq!(got[1].body["topic"], "orders.tx");
@@ -56,7 +65,15 @@ async fn key_prefix_protocol_delivers_and_clears() {
     let app = RecordingApp::start().await;
     let cfg = config(&kafka.brokers, T, &app.url(), &[("protocol", "key-prefix")]);
     let sidecar = txn_sidecar::start(cfg).await.unwrap();
-    let send = |key: &str, value: Option<&str>| kafka.send(T, 0, Some(key.as_bytes()), &[("trace", b"t")], value.map(str::as_bytes));
+    let send = |key: &str, value: Option<&str>| {
+        kafka.send(
+            T,
+            0,
+            Some(key.as_bytes()),
+            &[("trace", b"t")],
+            value.map(str::as_bytes),
+        )
+    };
     send("task-x", Some("1"));
     send("task-y", Some("\"y1\""));
     send("task-x", Some("2"));
@@ -78,13 +95,29 @@ async fn key_prefix_protocol_delivers_and_clears() {
 async fn values_are_embedded_as_json_text_or_base64() {
     let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
-    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[])).await.unwrap();
-    let h: &[(&str, &[u8])] = &[("txn-id", b"v"), ("txn-type", b"task"), ("content-type", b"x")];
+    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
+    let h: &[(&str, &[u8])] = &[
+        ("txn-id", b"v"),
+        ("txn-type", b"task"),
+        ("content-type", b"x"),
+    ];
     kafka.send(T, 0, None, h, Some(br#"{"a":[1,2,{"b":null}]}"#));
     kafka.send(T, 0, None, h, Some(b"hello world"));
     kafka.send(T, 0, None, h, Some(&[0xde, 0xad, 0xbe, 0xef]));
     kafka.send(T, 0, None, h, None);
-    kafka.send(T, 0, None, &[("txn-id", b"v"), ("txn-type", b"commit"), ("txn-count", b"4")], None);
+    kafka.send(
+        T,
+        0,
+        None,
+        &[
+            ("txn-id", b"v"),
+            ("txn-type", b"commit"),
+            ("txn-count", b"4"),
+        ],
+        None,
+    );
     let got = app.wait_accepted(1, WAIT).await;
     let tasks = got[0].body["tasks"].as_array().unwrap().clone();
     assert_eq!(tasks[0]["value"], json!({"a": [1, 2, {"b": null}]}));
@@ -103,7 +136,9 @@ async fn values_are_embedded_as_json_text_or_base64() {
 async fn committed_offset_stays_at_the_oldest_open_transaction() {
     let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
-    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[])).await.unwrap();
+    let sidecar = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
     kafka.task(T, 0, "open", "1"); // 0: stays open
     kafka.task(T, 0, "b", "1"); // 1
     kafka.commit(T, 0, "b"); // 2
@@ -113,12 +148,18 @@ async fn committed_offset_stays_at_the_oldest_open_transaction() {
     // Deliveries happened, but the offset must not pass "open"'s first task; the
     // delivered markers above it travel in the metadata.
     let k = &kafka;
-    wait_until(WAIT, "commit with skip set", || k.committed("test-group", T, 0) == (Some(0), "txs1:2,2".to_string())).await;
+    wait_until(WAIT, "commit with skip set", || {
+        k.committed("test-group", T, 0) == (Some(0), "txs1:2,2".to_string())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(kafka.committed("test-group", T, 0).0, Some(0));
     kafka.commit(T, 0, "open"); // 5
     app.wait_accepted(3, WAIT).await;
-    wait_until(WAIT, "offset past everything", || k.committed("test-group", T, 0).0 == Some(6)).await;
+    wait_until(WAIT, "offset past everything", || {
+        k.committed("test-group", T, 0).0 == Some(6)
+    })
+    .await;
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
 }
@@ -135,7 +176,10 @@ async fn a_restart_does_not_redeliver_what_was_delivered_above_the_committed_off
     app.wait_accepted(1, WAIT).await;
     s1.shutdown();
     s1.wait().await.unwrap();
-    assert_eq!(kafka.committed("test-group", T, 0), (Some(0), "txs1:2".to_string()));
+    assert_eq!(
+        kafka.committed("test-group", T, 0),
+        (Some(0), "txs1:2".to_string())
+    );
     let s2 = txn_sidecar::start(cfg()).await.unwrap();
     kafka.task(T, 0, "open", "2");
     kafka.commit(T, 0, "open");
@@ -143,7 +187,14 @@ async fn a_restart_does_not_redeliver_what_was_delivered_above_the_committed_off
     assert_eq!(app.accepted_ids(), vec!["b", "open"]);
     assert_eq!(got[1].task_values(), vec![json!(1), json!(2)]);
     let text = admin_get(s2.admin_addr(), "/metrics").await.1;
-    assert_eq!(metric(&text, "txn_sidecar_transactions_total{outcome=\"duplicate_skipped\"}"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "txn_sidecar_transactions_total{outcome=\"duplicate_skipped\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     s2.shutdown();
     s2.wait().await.unwrap();
 }

@@ -15,7 +15,11 @@ const WAIT: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_txn-sidecar");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Proc {
@@ -27,9 +31,26 @@ impl Proc {
     fn spawn(brokers: &str, app_url: &str) -> Proc {
         let admin = format!("127.0.0.1:{}", free_port());
         let child = Command::new(BIN)
-            .args(["run", "--brokers", brokers, "--topic", T, "--group", "proc-group", "--app-url", app_url])
+            .args([
+                "run",
+                "--brokers",
+                brokers,
+                "--topic",
+                T,
+                "--group",
+                "proc-group",
+                "--app-url",
+                app_url,
+            ])
             .args(["--admin-addr", &admin, "--log-format", "text"])
-            .args(["--set", "commit_interval=200ms", "-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=500"])
+            .args([
+                "--set",
+                "commit_interval=200ms",
+                "-X",
+                "session.timeout.ms=6000",
+                "-X",
+                "heartbeat.interval.ms=500",
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -46,7 +67,11 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig}");
     }
 
@@ -60,7 +85,10 @@ impl Proc {
                 }
                 return (status.code(), err);
             }
-            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -95,7 +123,10 @@ async fn kill_9_loses_nothing_the_next_process_delivers_the_whole_transaction() 
     }
     // ...and has committed the offset up to (not past) its first task.
     let k = &kafka;
-    wait_until(WAIT, "offset held at the open transaction", || k.committed("proc-group", T, 0).0 == Some(2)).await;
+    wait_until(WAIT, "offset held at the open transaction", || {
+        k.committed("proc-group", T, 0).0 == Some(2)
+    })
+    .await;
     p1.child.kill().unwrap(); // SIGKILL: no drain, no commit, no leave
     p1.child.wait().unwrap();
 
@@ -114,7 +145,11 @@ async fn sigterm_drains_commits_and_exits_zero() {
     let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
     // The app is slow: the delivery is in flight when SIGTERM arrives and must finish.
-    app.script(vec![Answer { status: 200, delay: Duration::from_millis(1500), retry_after: None }]);
+    app.script(vec![Answer {
+        status: 200,
+        delay: Duration::from_millis(1500),
+        retry_after: None,
+    }]);
     let mut p = Proc::spawn(&kafka.brokers, &app.url());
     kafka.task(T, 0, "a", "1");
     kafka.commit(T, 0, "a");
@@ -131,7 +166,15 @@ async fn sigterm_drains_commits_and_exits_zero() {
 #[test]
 fn a_bad_config_exits_non_zero_with_one_line_naming_each_key() {
     let out = Command::new(BIN)
-        .args(["run", "--topic", "t", "--txn-timeout", "forever", "--on-failure", "explode"])
+        .args([
+            "run",
+            "--topic",
+            "t",
+            "--txn-timeout",
+            "forever",
+            "--on-failure",
+            "explode",
+        ])
         .env("TXN_SIDECAR_APP_URL", "not a url")
         .output()
         .unwrap();
@@ -141,7 +184,11 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_each_key() {
     for key in ["txn_timeout", "on_failure", "app.url"] {
         assert!(err.contains(key), "{key} missing in {err}");
     }
-    let out = Command::new(BIN).args(["run"]).env_remove("TXN_SIDECAR_TOPIC").output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run"])
+        .env_remove("TXN_SIDECAR_TOPIC")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("topic: is required"));
 }
@@ -149,7 +196,15 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_each_key() {
 #[test]
 fn config_command_prints_the_effective_config_with_secrets_redacted() {
     let out = Command::new(BIN)
-        .args(["config", "--topic", "t", "-X", "sasl.password=hunter2", "-X", "sasl.username=svc"])
+        .args([
+            "config",
+            "--topic",
+            "t",
+            "-X",
+            "sasl.password=hunter2",
+            "-X",
+            "sasl.username=svc",
+        ])
         .env("TXN_SIDECAR_KAFKA_SSL_KEY_PASSWORD", "keypw")
         .output()
         .unwrap();
@@ -165,9 +220,24 @@ fn config_command_prints_the_effective_config_with_secrets_redacted() {
 fn demo_prints_the_delivered_transactions() {
     let out = Command::new(BIN).arg("demo").output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{s}\n{}", String::from_utf8_lossy(&out.stderr));
-    let received: Vec<&str> = s.lines().filter(|l| l.starts_with("app received transaction")).collect();
+    assert!(
+        out.status.success(),
+        "{s}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let received: Vec<&str> = s
+        .lines()
+        .filter(|l| l.starts_with("app received transaction"))
+        .collect();
     assert_eq!(received.len(), 3, "{s}");
-    assert!(received[0].contains("order-2") && received[1].contains("order-1") && received[2].contains("transfer-7"), "{s}");
-    assert!(!received.iter().any(|l| l.contains("order-3")), "aborted transaction delivered: {s}");
+    assert!(
+        received[0].contains("order-2")
+            && received[1].contains("order-1")
+            && received[2].contains("transfer-7"),
+        "{s}"
+    );
+    assert!(
+        !received.iter().any(|l| l.contains("order-3")),
+        "aborted transaction delivered: {s}"
+    );
 }

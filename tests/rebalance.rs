@@ -27,7 +27,9 @@ fn check_whole(app: &RecordingApp, n: usize) -> usize {
     for g in app.accepted() {
         let id = g.id().to_string();
         let i: usize = id.trim_start_matches("tx-").parse().unwrap();
-        let expect: Vec<serde_json::Value> = (0..3).map(|k| serde_json::json!({"txn": i, "task": k})).collect();
+        let expect: Vec<serde_json::Value> = (0..3)
+            .map(|k| serde_json::json!({"txn": i, "task": k}))
+            .collect();
         assert_eq!(g.task_values(), expect, "partial or wrong transaction {id}");
         *seen.entry(id).or_default() += 1;
     }
@@ -56,12 +58,19 @@ async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_tra
         if !parts.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "second member never got a partition");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second member never got a partition"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     produce_batch(&kafka, 120, 180);
     app.wait_accepted(180, Duration::from_secs(60)).await;
-    assert_eq!(check_whole(&app, 180), 0, "duplicates after a graceful handoff");
+    assert_eq!(
+        check_whole(&app, 180),
+        0,
+        "duplicates after a graceful handoff"
+    );
 
     // The first member leaves gracefully; the second takes everything over.
     s1.shutdown();
@@ -69,9 +78,16 @@ async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_tra
     produce_batch(&kafka, 180, 240);
     app.wait_accepted(240, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(check_whole(&app, 240), 0, "duplicates after a graceful leave");
+    assert_eq!(
+        check_whole(&app, 240),
+        0,
+        "duplicates after a graceful leave"
+    );
     let (_, m) = admin_get(a2, "/metrics").await;
-    assert!(metric(&m, "txn_sidecar_rebalances_total{kind=\"assign\"}").unwrap() >= 2.0, "{m}");
+    assert!(
+        metric(&m, "txn_sidecar_rebalances_total{kind=\"assign\"}").unwrap() >= 2.0,
+        "{m}"
+    );
     s2.shutdown();
     s2.wait().await.unwrap();
 }

@@ -51,7 +51,11 @@ impl Kafka {
             .set("enable.idempotence", "true")
             .create()
             .expect("producer");
-        Kafka { inner, brokers, producer }
+        Kafka {
+            inner,
+            brokers,
+            producer,
+        }
     }
 
     /// Waits until every record sent so far is acknowledged.
@@ -60,12 +64,23 @@ impl Kafka {
     }
 
     /// Queues one record for an explicit partition (idempotent producer: order is kept).
-    pub fn send(&self, topic: &str, partition: i32, key: Option<&[u8]>, headers: &[(&str, &[u8])], value: Option<&[u8]>) {
+    pub fn send(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        value: Option<&[u8]>,
+    ) {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(*v) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
         }
-        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).headers(h);
+        let mut rec: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).partition(partition).headers(h);
         if let Some(k) = key {
             rec = rec.key(k);
         }
@@ -77,17 +92,35 @@ impl Kafka {
 
     /// Headers-protocol task.
     pub fn task(&self, topic: &str, partition: i32, id: &str, value: &str) {
-        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"task")], Some(value.as_bytes()));
+        self.send(
+            topic,
+            partition,
+            Some(id.as_bytes()),
+            &[("txn-id", id.as_bytes()), ("txn-type", b"task")],
+            Some(value.as_bytes()),
+        );
     }
 
     /// Headers-protocol commit.
     pub fn commit(&self, topic: &str, partition: i32, id: &str) {
-        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"commit")], None);
+        self.send(
+            topic,
+            partition,
+            Some(id.as_bytes()),
+            &[("txn-id", id.as_bytes()), ("txn-type", b"commit")],
+            None,
+        );
     }
 
     /// Headers-protocol abort.
     pub fn abort(&self, topic: &str, partition: i32, id: &str) {
-        self.send(topic, partition, Some(id.as_bytes()), &[("txn-id", id.as_bytes()), ("txn-type", b"abort")], None);
+        self.send(
+            topic,
+            partition,
+            Some(id.as_bytes()),
+            &[("txn-id", id.as_bytes()), ("txn-type", b"abort")],
+            None,
+        );
     }
 
     /// The committed offset and metadata of `group` for `topic`/`partition`.
@@ -99,7 +132,9 @@ impl Kafka {
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
-        let r = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let r = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
         let el = r.find_partition(topic, partition).expect("partition");
         let off = match el.offset() {
             Offset::Offset(o) => Some(o),
@@ -118,7 +153,8 @@ impl Kafka {
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
         c.assign(&tpl).unwrap();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -128,7 +164,10 @@ impl Kafka {
                 if let Some(h) = m.headers() {
                     for i in 0..h.count() {
                         let hh = h.get(i);
-                        headers.insert(hh.key.to_string(), String::from_utf8_lossy(hh.value.unwrap_or_default()).into_owned());
+                        headers.insert(
+                            hh.key.to_string(),
+                            String::from_utf8_lossy(hh.value.unwrap_or_default()).into_owned(),
+                        );
                     }
                 }
                 out.push(ReadRecord {
@@ -191,10 +230,22 @@ impl Got {
         self.body["id"].as_str().unwrap_or_default()
     }
     pub fn task_values(&self) -> Vec<serde_json::Value> {
-        self.body["tasks"].as_array().cloned().unwrap_or_default().into_iter().map(|t| t["value"].clone()).collect()
+        self.body["tasks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t["value"].clone())
+            .collect()
     }
     pub fn task_offsets(&self) -> Vec<i64> {
-        self.body["tasks"].as_array().cloned().unwrap_or_default().iter().map(|t| t["offset"].as_i64().unwrap()).collect()
+        self.body["tasks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|t| t["offset"].as_i64().unwrap())
+            .collect()
     }
 }
 
@@ -208,7 +259,11 @@ pub struct Answer {
 
 impl Answer {
     pub fn status(status: u16) -> Answer {
-        Answer { status, delay: Duration::ZERO, retry_after: None }
+        Answer {
+            status,
+            delay: Duration::ZERO,
+            retry_after: None,
+        }
     }
 }
 
@@ -220,6 +275,8 @@ struct AppInner {
     accepted: Vec<Got>,
     script: VecDeque<Answer>,
     default: Option<Answer>,
+    /// Answers for transactions whose id starts with a prefix, until cleared.
+    rules: Vec<(String, Answer)>,
 }
 
 /// A real HTTP server on a loopback port that records every transaction.
@@ -233,7 +290,10 @@ impl RecordingApp {
     pub async fn start() -> RecordingApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = RecordingApp { inner: Arc::default(), addr };
+        let app = RecordingApp {
+            inner: Arc::default(),
+            addr,
+        };
         let router = Router::new()
             .route("/transactions", post(receive))
             .route("/transactions", get(|| async { "ok" }))
@@ -258,6 +318,19 @@ impl RecordingApp {
         self.inner.lock().unwrap().default = a;
     }
 
+    /// Answers every request for an id starting with `prefix` with `a`, until cleared.
+    pub fn rule(&self, prefix: &str, a: Answer) {
+        self.inner
+            .lock()
+            .unwrap()
+            .rules
+            .push((prefix.to_string(), a));
+    }
+
+    pub fn clear_rules(&self) {
+        self.inner.lock().unwrap().rules.clear();
+    }
+
     pub fn accepted(&self) -> Vec<Got> {
         self.inner.lock().unwrap().accepted.clone()
     }
@@ -272,13 +345,21 @@ impl RecordingApp {
 
     pub async fn wait_accepted(&self, n: usize, timeout: Duration) -> Vec<Got> {
         let me = self.clone();
-        wait_until(timeout, &format!("{n} accepted transactions"), move || me.accepted().len() >= n).await;
+        wait_until(timeout, &format!("{n} accepted transactions"), move || {
+            me.accepted().len() >= n
+        })
+        .await;
         self.accepted()
     }
 }
 
 async fn receive(State(app): State<RecordingApp>, headers: HeaderMap, body: Bytes) -> Response {
-    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let got = Got {
         idempotency_key: h("idempotency-key").unwrap_or_default(),
         txn_id_header: h("x-txn-id").unwrap_or_default(),
@@ -289,7 +370,14 @@ async fn receive(State(app): State<RecordingApp>, headers: HeaderMap, body: Byte
     let answer = {
         let mut inner = app.inner.lock().unwrap();
         inner.attempts.push(got.clone());
-        inner.script.pop_front().or_else(|| inner.default.clone())
+        let id = got.id().to_string();
+        let rule = inner
+            .rules
+            .iter()
+            .find(|(p, _)| id.starts_with(p.as_str()))
+            .map(|(_, a)| a.clone());
+        rule.or_else(|| inner.script.pop_front())
+            .or_else(|| inner.default.clone())
     };
     let answer = answer.unwrap_or(Answer::status(200));
     if !answer.delay.is_zero() {
@@ -300,21 +388,26 @@ async fn receive(State(app): State<RecordingApp>, headers: HeaderMap, body: Byte
     }
     let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
     if let Some(ra) = answer.retry_after {
-        resp.headers_mut().insert("retry-after", ra.parse().unwrap());
+        resp.headers_mut()
+            .insert("retry-after", ra.parse().unwrap());
     }
     resp
 }
 
 /// GETs a path of the admin server.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::get(format!("http://{addr}{path}")).await.expect("admin request");
+    let r = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("admin request");
     let status = r.status().as_u16();
     (status, r.text().await.unwrap_or_default())
 }
 
 /// Value of one sample line of a Prometheus exposition (`name{labels}` exactly as printed).
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }

@@ -102,6 +102,11 @@ url = {{ include "txn-sidecar.appUrl" . | toJson }}
 
 [admin]
 addr = {{ $c.adminAddr | toJson }}
+{{- with $c.maxStagedBytes }}
+
+[limits]
+max_staged_bytes = {{ . | toJson }}
+{{- end }}
 
 [kafka]
 {{- range $key, $value := $c.kafka }}
