@@ -634,7 +634,7 @@ impl Engine {
             self.expire();
         }
         self.back_pressure(consumer);
-        if now.duration_since(self.last_snapshot) >= Duration::from_millis(250) {
+        if now.duration_since(self.last_snapshot) >= Duration::from_millis(100) {
             self.last_snapshot = now;
             self.publish();
         }
