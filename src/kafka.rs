@@ -157,3 +157,25 @@ pub fn protocol_name<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> &'static
         RebalanceProtocol::None => "none",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_and_sasl_mechanisms_managed_clusters_need_are_built_in() {
+        let native = rdkafka::ClientConfig::new().create_native_config().unwrap();
+        let features = native.get("builtin.features").unwrap();
+        for f in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_oauthbearer",
+            "zstd",
+            "gzip",
+        ] {
+            assert!(
+                features.split(',').any(|x| x == f),
+                "{f} missing from {features}"
+            );
+        }
+    }
+}

@@ -241,3 +241,54 @@ fn demo_prints_the_delivered_transactions() {
         "aborted transaction delivered: {s}"
     );
 }
+
+#[test]
+fn credentials_never_reach_the_logs() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--brokers",
+            "127.0.0.1:1",
+            "--topic",
+            T,
+            "--admin-addr",
+            &admin,
+        ])
+        .args([
+            "-X",
+            "sasl.password=hunter2",
+            "-X",
+            "security.protocol=SASL_PLAINTEXT",
+            "-X",
+            "sasl.mechanisms=PLAIN",
+            "-X",
+            "sasl.username=svc",
+        ])
+        .env("RUST_LOG", "debug")
+        .env("TXN_SIDECAR_ADMIN_TOKEN", "tok-secret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it start, log its config and fail to reach the broker for a moment.
+    std::thread::sleep(Duration::from_secs(3));
+    let p = Proc {
+        child: std::mem::replace(&mut child, Command::new("true").spawn().unwrap()),
+        admin,
+    };
+    p.signal("-TERM");
+    let mut p = p;
+    let (code, stderr) = p.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("starting"), "{stderr}");
+    assert!(
+        stderr.contains("<redacted>"),
+        "the startup line shows the redacted property: {stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2") && !stderr.contains("tok-secret"),
+        "secret leaked: {stderr}"
+    );
+    let _ = child.wait();
+}
