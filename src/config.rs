@@ -132,7 +132,7 @@ pub struct Limits {
 }
 
 /// The validated configuration of `txn-sidecar run`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Bootstrap servers.
     pub brokers: String,
@@ -168,6 +168,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// librdkafka properties passed through to every client.
     pub kafka: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Config {
+    /// Debug output is the redacted TOML: a `{:?}` in a log line must not leak a secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted_toml())
+    }
 }
 
 impl Config {
@@ -1111,6 +1118,7 @@ mod tests {
             "{dump}"
         );
         assert!(!format!("{c:?}").contains("tok-123"));
+        assert!(!format!("{c:?}").contains("hunter2"));
         let bad = flags(&[
             ("topic", "t"),
             ("kafka.sasl.password", "${env:TXN_SIDECAR_TEST_UNSET_VAR}"),

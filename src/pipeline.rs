@@ -133,6 +133,7 @@ pub struct Engine {
     over_budget: bool,
     last_commit: Instant,
     last_expiry: Instant,
+    last_back_pressure: Instant,
     last_snapshot: Instant,
     snapshot: Arc<Mutex<Snapshot>>,
     shutting_down: bool,
@@ -170,6 +171,7 @@ impl Engine {
             over_budget: false,
             last_commit: Instant::now(),
             last_expiry: Instant::now(),
+            last_back_pressure: Instant::now(),
             last_snapshot: Instant::now() - Duration::from_secs(10),
             snapshot,
             shutting_down: false,
@@ -633,7 +635,11 @@ impl Engine {
             self.last_expiry = now;
             self.expire();
         }
-        self.back_pressure(consumer);
+        // Pausing is per-partition work; a few milliseconds of reaction time is plenty.
+        if now.duration_since(self.last_back_pressure) >= Duration::from_millis(5) {
+            self.last_back_pressure = now;
+            self.back_pressure(consumer);
+        }
         if now.duration_since(self.last_snapshot) >= Duration::from_millis(100) {
             self.last_snapshot = now;
             self.publish();

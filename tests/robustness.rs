@@ -482,3 +482,44 @@ async fn a_broker_outage_is_survived_without_loss() {
     s.shutdown();
     s.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_staged_bytes_budget_only_the_oldest_transactions_partition_keeps_reading() {
+    let kafka = Kafka::start(&[(T, 2), (DLQ, 2)]);
+    let app = RecordingApp::start().await;
+    let cfg = config(&kafka.brokers, T, &app.url(), &[("limits.max_staged_bytes", "4000"), ("limits.max_txn_bytes", "3000")]);
+    let s = txn_sidecar::start(cfg).await.unwrap();
+    let a = s.admin_addr();
+    let kb = "x".repeat(1000);
+    kafka.task(T, 0, "head", &kb);
+    kafka.task(T, 0, "head", &kb);
+    kafka.flush();
+    let deadline = Instant::now() + WAIT;
+    while !admin_get(a, "/v1/transactions").await.1.contains("\"head\"") {
+        assert!(Instant::now() < deadline, "head never staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kafka.task(T, 1, "other", &"y".repeat(2500));
+    kafka.flush();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = admin_get(a, "/metrics").await.1;
+        if metric(&m, "txn_sidecar_paused_partitions") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never paused: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, parts) = admin_get(a, "/v1/partitions").await;
+    let parts: Vec<serde_json::Value> = serde_json::from_str(&parts).unwrap();
+    assert_eq!((parts[0]["paused"].clone(), parts[1]["paused"].clone()), (json!(false), json!(true)), "the head's partition keeps reading");
+    kafka.commit(T, 1, "other");
+    kafka.flush();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(app.accepted().is_empty(), "partition 1 is paused");
+    kafka.commit(T, 0, "head");
+    app.wait_accepted(2, WAIT).await;
+    assert_eq!(app.accepted_ids(), vec!["head", "other"]);
+    s.shutdown();
+    s.wait().await.unwrap();
+}
