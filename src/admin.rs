@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -73,8 +73,26 @@ pub struct Snapshot {
     pub transactions: Vec<TxnView>,
 }
 
+/// An operator's request to the consumer thread.
+#[derive(Debug)]
+pub enum AdminCommand {
+    /// Dead-letter an open transaction now (reason `operator`), releasing its offset hold.
+    DeadLetter {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Transaction id.
+        id: String,
+        /// Tasks dead-lettered, or why nothing was.
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    },
+}
+
 #[derive(Clone)]
 struct AppState {
+    commands: std::sync::mpsc::Sender<AdminCommand>,
+    token: Option<Arc<str>>,
     snapshot: Arc<Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
@@ -101,8 +119,11 @@ pub struct AdminServer {
 }
 
 /// Binds `addr` and serves until `shutdown` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     addr: SocketAddr,
+    token: Option<String>,
+    commands: std::sync::mpsc::Sender<AdminCommand>,
     snapshot: Arc<Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
@@ -117,6 +138,8 @@ pub async fn serve(
         .local_addr()
         .map_err(|error| AdminError::Bind { addr, error })?;
     let state = AppState {
+        commands,
+        token: token.map(Arc::from),
         snapshot,
         metrics,
         client,
@@ -128,6 +151,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/v1/partitions", get(partitions))
         .route("/v1/transactions", get(transactions))
+        .route("/v1/transactions/dead-letter", post(dead_letter))
         .with_state(state);
     tracker.spawn(async move {
         let r = axum::serve(listener, router)
@@ -207,4 +231,91 @@ async fn transactions(State(s): State<AppState>) -> Response {
         .map(|s| s.transactions.clone())
         .unwrap_or_default();
     Json(v).into_response()
+}
+
+/// Body of `POST /v1/transactions/dead-letter`.
+#[derive(Debug, serde::Deserialize)]
+struct DeadLetterRequest {
+    topic: String,
+    partition: i32,
+    id: String,
+}
+
+/// Compares without an early exit, so response timing does not reveal the token.
+fn same_token(given: &[u8], want: &[u8]) -> bool {
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Mutating endpoints are disabled without `admin.token` and require `Bearer <token>`.
+fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(want) = &s.token else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "mutating endpoints are disabled: set admin.token\n",
+        )
+            .into_response());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if same_token(given.as_bytes(), want.as_bytes()) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response())
+    }
+}
+
+async fn dead_letter(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return r;
+    }
+    let req: DeadLetterRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"topic\", \"partition\", \"id\"}}: {e}\n"),
+            )
+                .into_response()
+        }
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let cmd = AdminCommand::DeadLetter {
+        topic: req.topic,
+        partition: req.partition,
+        id: req.id,
+        reply,
+    };
+    if s.commands.send(cmd).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(Ok(tasks))) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"dead_lettered": true, "tasks": tasks})),
+        )
+            .into_response(),
+        Ok(Ok(Err(e))) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the consumer did not answer\n",
+        )
+            .into_response(),
+    }
 }

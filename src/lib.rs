@@ -143,8 +143,11 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
         .health_url
         .clone()
         .unwrap_or_else(|| cfg.app.url.clone());
+    let (commands_tx, commands_rx) = std::sync::mpsc::channel();
     let admin = admin::serve(
         cfg.admin.addr,
+        cfg.admin.token.clone(),
+        commands_tx,
         snapshot.clone(),
         metrics.clone(),
         deliverer.client().clone(),
@@ -162,6 +165,7 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
         tokio::runtime::Handle::current(),
         tracker.clone(),
         snapshot,
+        commands_rx,
     );
     let engine = Arc::new(Mutex::new(engine));
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::admin::{PartitionView, Snapshot, TxnView};
+use crate::admin::{AdminCommand, PartitionView, Snapshot, TxnView};
 use crate::config::Config;
 use crate::delivery::{Delivered, Deliverer, ReadyTxn};
 use crate::dlq::{DeadLetterWriter, DeadTxn};
@@ -136,6 +136,7 @@ pub struct Engine {
     last_back_pressure: Instant,
     last_snapshot: Instant,
     snapshot: Arc<Mutex<Snapshot>>,
+    commands: Receiver<AdminCommand>,
     shutting_down: bool,
 }
 
@@ -155,6 +156,7 @@ impl Engine {
         rt: tokio::runtime::Handle,
         tracker: TaskTracker,
         snapshot: Arc<Mutex<Snapshot>>,
+        commands: Receiver<AdminCommand>,
     ) -> Engine {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
         Engine {
@@ -174,6 +176,7 @@ impl Engine {
             last_back_pressure: Instant::now(),
             last_snapshot: Instant::now() - Duration::from_secs(10),
             snapshot,
+            commands,
             shutting_down: false,
         }
     }
@@ -623,9 +626,60 @@ impl Engine {
         }
     }
 
+    /// Carries out operator requests from the admin server.
+    fn run_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                AdminCommand::DeadLetter {
+                    topic,
+                    partition,
+                    id,
+                    reply,
+                } => {
+                    let result = match self.part_mut(&topic, partition) {
+                        None => Err(format!(
+                            "{topic}/{partition} is not assigned to this member"
+                        )),
+                        Some(p) => match p.store.take(&id) {
+                            None => {
+                                Err(format!("no open transaction {id:?} in {topic}/{partition}"))
+                            }
+                            Some(t) => {
+                                let tasks = t.tasks.len();
+                                warn!(topic = %topic, partition, offset = t.first_offset, txn_id = %id, tasks, "dead-lettering an open transaction on operator request");
+                                let hold = t.first_offset;
+                                let dead = DeadTxn {
+                                    topic: p.topic.clone(),
+                                    partition,
+                                    id: Some(id),
+                                    records: t.tasks,
+                                    reason: "operator",
+                                    error: "dead-lettered through the admin API".into(),
+                                    attempts: 0,
+                                };
+                                send(
+                                    p,
+                                    Work::DeadLetter(DlqWork {
+                                        dead,
+                                        hold,
+                                        finish: None,
+                                        outcome: Some(Outcome::dead_lettered),
+                                    }),
+                                );
+                                Ok(tasks)
+                            }
+                        },
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
     /// Periodic work between polls.
     fn tick<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         self.drain_events();
+        self.run_commands();
         let now = Instant::now();
         if now.duration_since(self.last_commit) >= self.cfg.commit_interval {
             self.last_commit = now;
