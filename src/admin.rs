@@ -282,7 +282,14 @@ async fn dead_letter(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+    if let Err((code, msg)) = authorize(&s, &headers) {
+        let mut r = (code, msg).into_response();
+        if code == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
         return r;
     }
     let req: DeadLetterRequest = match serde_json::from_slice(&body) {

@@ -148,6 +148,7 @@ fn now_ms() -> i64 {
 
 impl Engine {
     /// A new engine; workers run on `rt` and are tracked by `tracker`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
