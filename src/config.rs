@@ -829,7 +829,7 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
             OnFailure::DeadLetter
         }
     };
-    let commit_interval = r.duration_or("commit_interval", Duration::from_secs(5));
+    let commit_interval = r.duration_or("commit_interval", Duration::from_secs(1));
     if commit_interval.is_zero() {
         r.fail("commit_interval", "must be greater than zero");
     }
