@@ -26,9 +26,18 @@ fn kcat(brokers: &str, args: Vec<OsString>, stdin: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("kcat is installed by scripts/install-test-deps.sh");
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kcat failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kcat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn os(args: &[&str]) -> Vec<OsString> {
@@ -39,18 +48,52 @@ fn os(args: &[&str]) -> Vec<OsString> {
 async fn a_transaction_produced_with_kcat_is_delivered() {
     let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
     let app = RecordingApp::start().await;
-    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[])).await.unwrap();
+    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
     let b = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || {
-        kcat(&b, os(&["-k", "order-7", "-H", "txn-id=order-7", "-H", "txn-type=task", "-H", "source=kcat"]), "{\"step\":1}\n{\"step\":2}\n");
-        kcat(&b, os(&["-k", "order-7", "-H", "txn-id=order-7", "-H", "txn-type=commit", "-H", "txn-count=2"]), "commit\n");
+        kcat(
+            &b,
+            os(&[
+                "-k",
+                "order-7",
+                "-H",
+                "txn-id=order-7",
+                "-H",
+                "txn-type=task",
+                "-H",
+                "source=kcat",
+            ]),
+            "{\"step\":1}\n{\"step\":2}\n",
+        );
+        kcat(
+            &b,
+            os(&[
+                "-k",
+                "order-7",
+                "-H",
+                "txn-id=order-7",
+                "-H",
+                "txn-type=commit",
+                "-H",
+                "txn-count=2",
+            ]),
+            "commit\n",
+        );
     })
     .await
     .unwrap();
     let got = app.wait_accepted(1, WAIT).await;
     assert_eq!(got[0].id(), "order-7");
-    assert_eq!(got[0].task_values(), vec![json!({"step": 1}), json!({"step": 2})]);
-    assert_eq!(got[0].body["tasks"][0]["headers"], json!({"source": "kcat"}));
+    assert_eq!(
+        got[0].task_values(),
+        vec![json!({"step": 1}), json!({"step": 2})]
+    );
+    assert_eq!(
+        got[0].body["tasks"][0]["headers"],
+        json!({"source": "kcat"})
+    );
     s.shutdown();
     s.wait().await.unwrap();
 }
@@ -59,7 +102,9 @@ async fn a_transaction_produced_with_kcat_is_delivered() {
 async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_nothing_panics() {
     let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
     let app = RecordingApp::start().await;
-    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[])).await.unwrap();
+    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
     let b = kafka.brokers.clone();
     tokio::task::spawn_blocking(move || {
         let mut args = os(&["-k", "x", "-H", "txn-type=task", "-H"]);
@@ -83,21 +128,53 @@ async fn transactions_written_by_txn_sidecar_produce_are_delivered_with_both_pro
     for (protocol, id) in [("headers", "p-1"), ("key-prefix", "p-2")] {
         let kafka = Kafka::start(&[(T, 3), (DLQ, 3)]);
         let app = RecordingApp::start().await;
-        let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[("protocol", protocol)])).await.unwrap();
+        let s = txn_sidecar::start(config(
+            &kafka.brokers,
+            T,
+            &app.url(),
+            &[("protocol", protocol)],
+        ))
+        .await
+        .unwrap();
         let mut child = Command::new(BIN)
-            .args(["produce", "--brokers", &kafka.brokers, "--topic", T, "--id", id, "--protocol", protocol])
+            .args([
+                "produce",
+                "--brokers",
+                &kafka.brokers,
+                "--topic",
+                T,
+                "--id",
+                id,
+                "--protocol",
+                protocol,
+            ])
             .args(["--task", "{\"a\":1}", "--file", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(b"second\n{\"c\":3}\n").unwrap();
-        let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"second\n{\"c\":3}\n")
+            .unwrap();
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got = app.wait_accepted(1, WAIT).await;
         assert_eq!(got[0].id(), id);
-        assert_eq!(got[0].task_values(), vec![json!({"a": 1}), json!("second"), json!({"c": 3})]);
+        assert_eq!(
+            got[0].task_values(),
+            vec![json!({"a": 1}), json!("second"), json!({"c": 3})]
+        );
         s.shutdown();
         s.wait().await.unwrap();
     }
@@ -105,9 +182,25 @@ async fn transactions_written_by_txn_sidecar_produce_are_delivered_with_both_pro
 
 #[test]
 fn produce_rejects_bad_arguments_with_a_clear_error() {
-    let out = Command::new(BIN).args(["produce", "--topic", T, "--id", "x", "--protocol", "carrier-pigeon", "--task", "1"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "produce",
+            "--topic",
+            T,
+            "--id",
+            "x",
+            "--protocol",
+            "carrier-pigeon",
+            "--task",
+            "1",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--protocol"));
-    let out = Command::new(BIN).args(["produce", "--topic", T, "--id", "x"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["produce", "--topic", T, "--id", "x"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tasks"));
 }
