@@ -132,6 +132,8 @@ pub struct Engine {
     generation: u64,
     over_budget: bool,
     last_commit: Instant,
+    /// When unchanged commit points were last re-sent (see [`COMMIT_REFRESH`]).
+    last_refresh: Instant,
     last_expiry: Instant,
     last_back_pressure: Instant,
     last_snapshot: Instant,
@@ -173,6 +175,7 @@ impl Engine {
             generation: 0,
             over_budget: false,
             last_commit: Instant::now(),
+            last_refresh: Instant::now(),
             last_expiry: Instant::now(),
             last_back_pressure: Instant::now(),
             last_snapshot: Instant::now() - Duration::from_secs(10),
@@ -579,11 +582,17 @@ impl Engine {
         }
     }
 
-    fn commit_async<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+    /// Sends the commit points that changed, or all of them when `refresh` is set.
+    fn commit_async<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, refresh: bool) {
         let mut tpl = TopicPartitionList::new();
         let metrics = self.metrics.clone();
         for p in self.all_parts_mut() {
-            if let Some(cp) = p.offsets.commit_point() {
+            let point = if refresh {
+                p.offsets.final_commit_point()
+            } else {
+                p.offsets.commit_point()
+            };
+            if let Some(cp) = point {
                 if cp.dropped > 0 {
                     metrics.skip_set_overflow.inc_by(cp.dropped as u64);
                 }
@@ -603,6 +612,8 @@ impl Engine {
         }
     }
 
+    /// Results of asynchronous commits, should librdkafka report them (rust-rdkafka's
+    /// `BaseConsumer` does not today; [`COMMIT_REFRESH`] covers refused commits).
     fn on_commit_result(&mut self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => {
@@ -684,7 +695,11 @@ impl Engine {
         let now = Instant::now();
         if now.duration_since(self.last_commit) >= self.cfg.commit_interval {
             self.last_commit = now;
-            self.commit_async(consumer);
+            let refresh = now.duration_since(self.last_refresh) >= COMMIT_REFRESH;
+            if refresh {
+                self.last_refresh = now;
+            }
+            self.commit_async(consumer, refresh);
         }
         if now.duration_since(self.last_expiry) >= Duration::from_secs(1) {
             self.last_expiry = now;
@@ -901,6 +916,10 @@ impl Engine {
         if let Ok(mut s) = self.snapshot.lock() {
             s.joined = true;
         }
+        // Commits sent while the group was rebalancing were likely refused: resend every
+        // kept partition's point at the next commit tick.
+        let now = Instant::now();
+        self.last_refresh = now.checked_sub(COMMIT_REFRESH).unwrap_or(now);
         if tpl.count() == 0 {
             info!("joined the group with no partitions assigned");
             return;
@@ -1002,6 +1021,20 @@ impl Engine {
             .collect();
         if tps.is_empty() {
             return;
+        }
+        let busy = tps.iter().any(|(t, n)| {
+            self.parts
+                .get(t)
+                .and_then(|m| m.get(n))
+                .is_some_and(|p| p.running > 0)
+        });
+        if busy && !consumer.assignment_lost() {
+            // Commit what is finished before waiting for in-flight deliveries: while this
+            // member waits, the others may already rejoin, and a coordinator that refuses
+            // commits during a rebalance (librdkafka's mock does; Apache Kafka accepts
+            // them from the current generation) would then hand over only the last commit
+            // it took. This way at most the deliveries finishing during the wait replay.
+            self.commit_sync(consumer, &tps);
         }
         self.stop_workers(&tps, self.cfg.rebalance_grace);
         if consumer.assignment_lost() {
@@ -1345,6 +1378,15 @@ pub enum PipelineError {
     #[error("fatal kafka error: {0}")]
     Fatal(String),
 }
+
+/// How often unchanged commit points are sent again.
+///
+/// rust-rdkafka's `BaseConsumer` registers no offset-commit callback, so librdkafka
+/// reports nothing back for an asynchronous commit. A commit the coordinator refused
+/// (it refuses them while a rebalance is in progress) would otherwise leave the committed
+/// offset behind until the partition moves again, and a crash at rest would replay all of
+/// it. Re-sending is idempotent and costs one small request per interval.
+pub const COMMIT_REFRESH: Duration = Duration::from_secs(5);
 
 /// How long closing the consumer (leaving the group) may take at shutdown.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
