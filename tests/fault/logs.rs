@@ -78,7 +78,7 @@ pub fn refused_handoffs(dir: &Path) -> Vec<RefusedHandoff> {
             let last = commits
                 .iter()
                 .filter(|(c, what)| *c >= from && *c <= t && what.is_none_or(|q| q == p))
-                .last();
+                .next_back();
             let refused = matches!(last, Some((_, None)));
             if refused && last_refused.get(&p) != Some(&t) {
                 last_refused.insert(p, t);
