@@ -77,8 +77,7 @@ pub fn refused_handoffs(dir: &Path) -> Vec<RefusedHandoff> {
             // (failures name no partition; one failed commit covers every revoked one).
             let last = commits
                 .iter()
-                .filter(|(c, what)| *c >= from && *c <= t && what.is_none_or(|q| q == p))
-                .next_back();
+                .rfind(|(c, what)| *c >= from && *c <= t && what.is_none_or(|q| q == p));
             let refused = matches!(last, Some((_, None)));
             if refused && last_refused.get(&p) != Some(&t) {
                 last_refused.insert(p, t);
