@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_util::sync::CancellationToken;
@@ -532,12 +533,12 @@ impl Engine {
         }
     }
 
-    /// Commits the safe offsets of `tps` synchronously.
+    /// Commits the safe offsets of `tps` synchronously; `Err` carries the broker's refusal.
     fn commit_sync<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         tps: &[(Arc<str>, i32)],
-    ) {
+    ) -> KafkaResult<()> {
         let mut tpl = TopicPartitionList::new();
         let mut points = Vec::new();
         for (t, n) in tps {
@@ -557,7 +558,7 @@ impl Engine {
             }
         }
         if tpl.count() == 0 {
-            return;
+            return Ok(());
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
@@ -571,6 +572,7 @@ impl Engine {
                     }
                     info!(topic = %t, partition = n, offset = cp.offset, "committed safe offset");
                 }
+                Ok(())
             }
             Err(e) => {
                 self.metrics
@@ -578,6 +580,7 @@ impl Engine {
                     .get_or_create(&ResultLabel { result: "error" })
                     .inc();
                 warn!(error = %e, "offset commit failed; the next owner replays from the last committed offset");
+                Err(e)
             }
         }
     }
@@ -913,6 +916,14 @@ impl Engine {
             .rebalances
             .get_or_create(&RebalanceLabel { kind: "assign" })
             .inc();
+        if self.shutting_down {
+            // Served only so the final commit can go through; the next owner takes these.
+            info!(
+                partitions = tpl.count(),
+                "assigned while shutting down; not consuming"
+            );
+            return;
+        }
         if let Ok(mut s) = self.snapshot.lock() {
             s.joined = true;
         }
@@ -1034,13 +1045,13 @@ impl Engine {
             // commits during a rebalance (librdkafka's mock does; Apache Kafka accepts
             // them from the current generation) would then hand over only the last commit
             // it took. This way at most the deliveries finishing during the wait replay.
-            self.commit_sync(consumer, &tps);
+            let _ = self.commit_sync(consumer, &tps);
         }
         self.stop_workers(&tps, self.cfg.rebalance_grace);
         if consumer.assignment_lost() {
             warn!("assignment lost (session timed out); not committing, the new owner replays");
         } else {
-            self.commit_sync(consumer, &tps);
+            let _ = self.commit_sync(consumer, &tps);
         }
         for (t, n) in &tps {
             if let Some(m) = self.parts.get_mut(t) {
@@ -1067,7 +1078,9 @@ impl Engine {
     }
 
     /// Graceful stop: no new deliveries, in-flight ones get `shutdown_grace`, then commit.
-    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+    /// Stops fetching and delivering and commits; `true` asks for [`Self::final_commit`]
+    /// again once the group's rebalance has been served.
+    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
         self.shutting_down = true;
         self.back_pressure(consumer);
         let tps: Vec<(Arc<str>, i32)> = self
@@ -1080,7 +1093,28 @@ impl Engine {
             "draining"
         );
         self.stop_workers(&tps, self.cfg.shutdown_grace);
-        self.commit_sync(consumer, &tps);
+        self.final_commit(consumer)
+    }
+
+    /// Commits every partition still owned; `true` when the coordinator refused it because
+    /// the group is rebalancing, so the caller should serve the rebalance and call again.
+    ///
+    /// A refused final commit hands the next owner everything since the last accepted
+    /// one, all of it already delivered. After the rebalance this member still owns the
+    /// partitions it kept (cooperative) under the new generation, so the commit goes
+    /// through; partitions it loses are committed by the revoke callback.
+    fn final_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        let tps: Vec<(Arc<str>, i32)> = self
+            .all_parts()
+            .map(|p| (p.topic.clone(), p.partition))
+            .collect();
+        match self.commit_sync(consumer, &tps) {
+            Ok(()) => false,
+            Err(e) => matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::IllegalGeneration)
+            ),
+        }
     }
 }
 
@@ -1435,7 +1469,22 @@ pub fn consume(
         burst = 0;
         lock(&engine).tick(&consumer);
     }
-    lock(&engine).drain(&consumer);
+    let drain_started = Instant::now();
+    let mut retry = lock(&engine).drain(&consumer);
+    let deadline = drain_started + cfg.shutdown_grace.max(Duration::from_secs(1));
+    while retry && Instant::now() < deadline {
+        // The group is rebalancing: poll (without the engine lock, which the rebalance
+        // callbacks take) so librdkafka can rejoin, then commit under the new generation.
+        // Records fetched meanwhile lie above the committed offset and are not staged.
+        let _ = consumer.poll(Duration::from_millis(100));
+        retry = lock(&engine).final_commit(&consumer);
+        if !retry {
+            info!(
+                waited_ms = drain_started.elapsed().as_millis() as u64,
+                "final offset commit accepted after the rebalance"
+            );
+        }
+    }
     info!("leaving the consumer group");
     // Leaving needs a broker; with none reachable librdkafka's close waits out the
     // session timeout. Offsets are already committed (or cannot be), so bound the wait.

@@ -91,3 +91,48 @@ async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_tra
     s2.shutdown();
     s2.wait().await.unwrap();
 }
+
+/// A member stopped while the group rebalances: the coordinator refuses its final commit
+/// (librdkafka's mock refuses all commits while a join is pending, for up to
+/// `session.timeout.ms − 1 s`; Apache Kafka refuses them in CompletingRebalance). The member
+/// serves the rebalance, commits under the new generation and only then leaves, so the
+/// next owner does not redeliver what it already delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_during_a_rebalance_commits_before_it_leaves() {
+    let kafka = Kafka::start(&[(T, 3), ("orders.tx.dlq", 3)]);
+    let app = RecordingApp::start().await;
+    let cfg = || config(&kafka.brokers, T, &app.url(), &[]);
+    let s1 = txn_sidecar::start(cfg()).await.unwrap();
+    produce_batch(&kafka, 0, 30);
+    app.wait_accepted(30, Duration::from_secs(30)).await;
+    // Let the first member's commits of those land while the group is stable.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // A second member joins: the group now waits ~5 s for everyone to rejoin, and the
+    // first member keeps delivering meanwhile, but none of its commits is accepted.
+    let s2 = txn_sidecar::start(cfg()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    produce_batch(&kafka, 30, 60);
+    app.wait_accepted(60, Duration::from_secs(30)).await;
+    assert!(
+        app.accepted()
+            .iter()
+            .all(|g| g.idempotency_key.starts_with(T)),
+        "every delivery carries the stable key"
+    );
+    // Stop the first member inside that window.
+    let stop = std::time::Instant::now();
+    s1.shutdown();
+    s1.wait().await.unwrap();
+    let took = stop.elapsed();
+    // The second member now owns everything: it must find nothing left to deliver.
+    produce_batch(&kafka, 60, 90);
+    app.wait_accepted(90, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        check_whole(&app, 90),
+        0,
+        "transactions redelivered after a stop during a rebalance (stop took {took:?})"
+    );
+    s2.shutdown();
+    s2.wait().await.unwrap();
+}
