@@ -79,7 +79,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
         .iter()
         .map(|t| {
             let mut headers = serde_json::Map::new();
-            for (k, v) in &t.headers {
+            for (k, v) in t.headers() {
                 let Ok(k) = std::str::from_utf8(k) else {
                     continue;
                 };
@@ -92,7 +92,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
                 };
                 headers.insert(k.to_string(), v);
             }
-            let (value, encoding) = match &t.value {
+            let (value, encoding) = match t.value() {
                 None => (TaskValue::Null, None),
                 Some(v) => match serde_json::from_slice::<&RawValue>(v) {
                     Ok(raw) => (TaskValue::Json(raw), None),
@@ -107,7 +107,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
             };
             TaskBody {
                 offset: t.offset,
-                key: t.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()),
+                key: t.key().and_then(|k| std::str::from_utf8(k).ok()),
                 headers,
                 value,
                 encoding,
@@ -381,17 +381,12 @@ mod tests {
     }
 
     fn task(offset: i64, value: &[u8]) -> Record {
-        Record {
-            offset,
-            timestamp_ms: None,
-            key: Some(b"order-42".to_vec()),
-            value: Some(value.to_vec()),
-            headers: vec![
-                (b"txn-id".to_vec(), Some(b"order-42".to_vec())),
-                (b"txn-type".to_vec(), Some(b"task".to_vec())),
-                (b"h".to_vec(), Some(b"v".to_vec())),
-            ],
-        }
+        let h: [(&[u8], Option<&[u8]>); 3] = [
+            (b"txn-id", Some(b"order-42")),
+            (b"txn-type", Some(b"task")),
+            (b"h", Some(b"v")),
+        ];
+        Record::new(offset, None, Some(b"order-42"), Some(value), &h)
     }
 
     #[test]

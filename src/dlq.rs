@@ -140,13 +140,10 @@ impl DeadLetterWriter {
         let attempts = dead.attempts.to_string();
         let mut pending = Vec::with_capacity(dead.records.len());
         for rec in &dead.records {
-            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len() + 4);
-            for (k, v) in &rec.headers {
+            let mut headers = OwnedHeaders::new_with_capacity(rec.header_count() + 4);
+            for (k, v) in rec.headers() {
                 let k = String::from_utf8_lossy(k);
-                headers = headers.insert(Header {
-                    key: &k,
-                    value: v.as_deref(),
-                });
+                headers = headers.insert(Header { key: &k, value: v });
             }
             headers = headers
                 .insert(Header {
@@ -168,11 +165,11 @@ impl DeadLetterWriter {
             let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                 .partition(partition)
                 .headers(headers);
-            if let Some(k) = &rec.key {
-                fr = fr.key(k.as_slice());
+            if let Some(k) = rec.key() {
+                fr = fr.key(k);
             }
-            if let Some(v) = &rec.value {
-                fr = fr.payload(v.as_slice());
+            if let Some(v) = rec.value() {
+                fr = fr.payload(v);
             }
             if let Some(ts) = rec.timestamp_ms {
                 fr = fr.timestamp(ts);

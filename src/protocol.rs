@@ -6,37 +6,159 @@
 use crate::config::{HeaderNames, Protocol};
 
 /// One consumed record, owned, with raw bytes kept so it can be dead-lettered verbatim.
+///
+/// Key, value and headers share one allocation: staging holds every open task, and with
+/// separate `Vec`s per key, value, header name and header value the allocator overhead
+/// was ~4.5x the payload for 100-byte values (BENCHMARKS.md, "Memory").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Offset in its partition.
     pub offset: i64,
     /// Record timestamp in milliseconds since the epoch, when the broker gave one.
     pub timestamp_ms: Option<i64>,
-    /// Record key.
-    pub key: Option<Vec<u8>>,
-    /// Record value; `None` is a tombstone.
-    pub value: Option<Vec<u8>>,
-    /// Headers in record order; names as raw bytes because producers can send anything.
-    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// varint(key len + 1, 0 = none), varint(value len + 1), varint(header count),
+    /// per header varint(name len) varint(value len + 1); then key, value, and each
+    /// header's name and value bytes.
+    data: Box<[u8]>,
+}
+
+/// A header as borrowed from a [`Record`]: raw name, value (`None` = null).
+pub type HeaderRef<'a> = (&'a [u8], Option<&'a [u8]>);
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn get_varint(b: &[u8], pos: &mut usize) -> u64 {
+    let (mut v, mut shift) = (0u64, 0);
+    while let Some(&c) = b.get(*pos) {
+        *pos += 1;
+        v |= u64::from(c & 0x7f) << shift;
+        if c < 0x80 {
+            break;
+        }
+        shift += 7;
+    }
+    v
+}
+
+fn opt_len(x: Option<&[u8]>) -> u64 {
+    x.map_or(0, |x| x.len() as u64 + 1)
 }
 
 impl Record {
+    /// A record from borrowed parts (copied once, into one allocation).
+    pub fn new(
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[HeaderRef<'_>],
+    ) -> Record {
+        let mut head = varint_len(opt_len(key))
+            + varint_len(opt_len(value))
+            + varint_len(headers.len() as u64);
+        let mut body = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+        for (k, v) in headers {
+            head += varint_len(k.len() as u64) + varint_len(opt_len(*v));
+            body += k.len() + v.map_or(0, <[u8]>::len);
+        }
+        let mut buf = Vec::with_capacity(head + body);
+        put_varint(&mut buf, opt_len(key));
+        put_varint(&mut buf, opt_len(value));
+        put_varint(&mut buf, headers.len() as u64);
+        for (k, v) in headers {
+            put_varint(&mut buf, k.len() as u64);
+            put_varint(&mut buf, opt_len(*v));
+        }
+        buf.extend_from_slice(key.unwrap_or_default());
+        buf.extend_from_slice(value.unwrap_or_default());
+        for (k, v) in headers {
+            buf.extend_from_slice(k);
+            buf.extend_from_slice(v.unwrap_or_default());
+        }
+        Record {
+            offset,
+            timestamp_ms,
+            data: buf.into_boxed_slice(),
+        }
+    }
+
+    /// Walks the length prefix: (key len+1, value len+1, header count, header lengths
+    /// start, bytes start).
+    fn layout(&self) -> (u64, u64, usize, usize, usize) {
+        let d = &self.data;
+        let mut pos = 0;
+        let k = get_varint(d, &mut pos);
+        let v = get_varint(d, &mut pos);
+        let n = get_varint(d, &mut pos) as usize;
+        let lens = pos;
+        for _ in 0..n {
+            get_varint(d, &mut pos);
+            get_varint(d, &mut pos);
+        }
+        (k, v, n, lens, pos)
+    }
+
+    fn slice(&self, at: usize, len_plus_one: u64) -> Option<&[u8]> {
+        (len_plus_one > 0).then(|| &self.data[at..at + len_plus_one as usize - 1])
+    }
+
+    /// Record key.
+    pub fn key(&self) -> Option<&[u8]> {
+        let (k, _, _, _, start) = self.layout();
+        self.slice(start, k)
+    }
+
+    /// Record value; `None` is a tombstone.
+    pub fn value(&self) -> Option<&[u8]> {
+        let (k, v, _, _, start) = self.layout();
+        self.slice(start + k.saturating_sub(1) as usize, v)
+    }
+
+    /// Headers in record order; names as raw bytes because producers can send anything.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = HeaderRef<'_>> + '_ {
+        let (k, v, n, mut lens, start) = self.layout();
+        let mut at = start + k.saturating_sub(1) as usize + v.saturating_sub(1) as usize;
+        (0..n).map(move |_| {
+            let name_len = get_varint(&self.data, &mut lens) as usize;
+            let value_len = get_varint(&self.data, &mut lens);
+            let name = &self.data[at..at + name_len];
+            at += name_len;
+            let value = self.slice(at, value_len);
+            at += value_len.saturating_sub(1) as usize;
+            (name, value)
+        })
+    }
+
+    /// Number of headers.
+    pub fn header_count(&self) -> usize {
+        self.layout().2
+    }
+
     /// Bytes this record occupies in staging (key + value + headers).
     pub fn size(&self) -> u64 {
-        let h: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        (self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len) + h) as u64
+        (self.data.len() - self.layout().4) as u64
     }
 
     /// The first header named `name`, if any.
     pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.as_deref())
+        self.headers()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
     }
 }
 
@@ -107,7 +229,7 @@ pub fn decode(
     names: &HeaderNames,
 ) -> Result<Marker, DecodeError> {
     // Everything a task carries to the app must be text, so check it up front.
-    for (name, value) in &record.headers {
+    for (name, value) in record.headers() {
         let name =
             std::str::from_utf8(name).map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
         if let Some(v) = value {
@@ -116,7 +238,7 @@ pub fn decode(
             }
         }
     }
-    let key = match &record.key {
+    let key = match record.key() {
         Some(k) => Some(
             std::str::from_utf8(k).map_err(|_| DecodeError::NotUtf8("the record key".into()))?,
         ),
@@ -142,12 +264,19 @@ pub fn decode(
         Protocol::Headers => {
             let kind = match header_text(&names.kind) {
                 None => return Err(DecodeError::MissingType(names.kind.clone())),
-                Some(t) => match t.trim().to_ascii_lowercase().as_str() {
-                    "task" => Kind::Task,
-                    "commit" => Kind::Commit { count: count()? },
-                    "abort" | "clear" => Kind::Abort,
-                    _ => return Err(DecodeError::UnknownType(t.to_string())),
-                },
+                Some(t) => {
+                    // Case-insensitive without allocating (this runs for every record).
+                    let k = t.trim();
+                    if k.eq_ignore_ascii_case("task") {
+                        Kind::Task
+                    } else if k.eq_ignore_ascii_case("commit") {
+                        Kind::Commit { count: count()? }
+                    } else if k.eq_ignore_ascii_case("abort") || k.eq_ignore_ascii_case("clear") {
+                        Kind::Abort
+                    } else {
+                        return Err(DecodeError::UnknownType(t.to_string()));
+                    }
+                }
             };
             let id = match header_text(&names.id) {
                 Some(id) if !id.is_empty() => id,
@@ -209,16 +338,11 @@ mod tests {
     }
 
     fn rec(key: Option<&[u8]>, headers: &[(&str, &[u8])]) -> Record {
-        Record {
-            offset: 7,
-            timestamp_ms: None,
-            key: key.map(<[u8]>::to_vec),
-            value: Some(b"v".to_vec()),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.to_vec())))
-                .collect(),
-        }
+        let h: Vec<HeaderRef<'_>> = headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), Some(*v)))
+            .collect();
+        Record::new(7, None, key, Some(b"v"), &h)
     }
 
     #[test]
@@ -332,12 +456,12 @@ mod tests {
             prop::option::of(bytes()),
             prop::collection::vec((header_name, header_value), 0..5),
         )
-            .prop_map(|(offset, key, value, headers)| Record {
-                offset,
-                timestamp_ms: None,
-                key,
-                value,
-                headers,
+            .prop_map(|(offset, key, value, headers)| {
+                let h: Vec<HeaderRef<'_>> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_deref()))
+                    .collect();
+                Record::new(offset, None, key.as_deref(), value.as_deref(), &h)
             })
     }
 

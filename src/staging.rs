@@ -63,13 +63,18 @@ impl StagingStore for MemoryStore {
     fn stage(&mut self, id: &str, task: Record, log_time_ms: i64) -> &OpenTxn {
         let size = task.size();
         self.bytes += size;
-        let txn = self.txns.entry(id.to_string()).or_insert_with(|| OpenTxn {
-            id: id.to_string(),
-            first_offset: task.offset,
-            tasks: Vec::new(),
-            bytes: 0,
-            opened_ms: log_time_ms,
-        });
+        // Look up before inserting: `entry` would allocate the id for every task.
+        if !self.txns.contains_key(id) {
+            let txn = OpenTxn {
+                id: id.to_string(),
+                first_offset: task.offset,
+                tasks: Vec::new(),
+                bytes: 0,
+                opened_ms: log_time_ms,
+            };
+            self.txns.insert(id.to_string(), txn);
+        }
+        let txn = self.txns.get_mut(id).expect("inserted above");
         txn.bytes += size;
         txn.tasks.push(task);
         txn
@@ -108,13 +113,7 @@ mod tests {
     use super::*;
 
     fn task(offset: i64, value: &str) -> Record {
-        Record {
-            offset,
-            timestamp_ms: None,
-            key: None,
-            value: Some(value.as_bytes().to_vec()),
-            headers: vec![],
-        }
+        Record::new(offset, None, None, Some(value.as_bytes()), &[])
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Records consumed by kind.
     pub records_consumed: Family<KindLabel, Counter>,
+    /// The task/commit/abort/invalid series of `records_consumed`, resolved once.
+    consumed_counters: [Counter; 4],
     /// Transactions by final outcome.
     pub transactions: Family<OutcomeLabel, Counter>,
     /// Dead-lettered transactions and records by reason.
@@ -152,6 +154,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("txn_sidecar");
         let m = Metrics {
             records_consumed: Family::default(),
+            consumed_counters: Default::default(),
             transactions: Family::default(),
             dead_letters: Family::default(),
             open_transactions: Gauge::default(),
@@ -269,6 +272,18 @@ impl Metrics {
         ] {
             let _ = m.records_consumed.get_or_create(&KindLabel { kind });
         }
+        let mut m = m;
+        let c = |kind| {
+            m.records_consumed
+                .get_or_create(&KindLabel { kind })
+                .clone()
+        };
+        m.consumed_counters = [
+            c(RecordKind::task),
+            c(RecordKind::commit),
+            c(RecordKind::abort),
+            c(RecordKind::invalid),
+        ];
         for outcome in [
             Outcome::delivered,
             Outcome::aborted,
@@ -301,9 +316,14 @@ impl Metrics {
 
     /// Counts a consumed record.
     pub fn consumed(&self, kind: RecordKind) {
-        self.records_consumed
-            .get_or_create(&KindLabel { kind })
-            .inc();
+        // Per-record path: the pre-created counters, no label hashing or family lock.
+        let i = match kind {
+            RecordKind::task => 0,
+            RecordKind::commit => 1,
+            RecordKind::abort => 2,
+            RecordKind::invalid => 3,
+        };
+        self.consumed_counters[i].inc();
     }
 
     /// Prometheus text exposition.

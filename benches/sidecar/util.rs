@@ -1,0 +1,243 @@
+//! Small helpers shared by the driver and the roles: clocks, /proc readings, a tiny
+//! blocking HTTP client, Prometheus text parsing and statistics.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Wall clock in microseconds since the epoch (comparable across processes).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// User + system CPU seconds of a process (all threads, including exited ones).
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime field 15.
+    let ticks: f64 = f
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        + f.get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux this runs on; `getconf CLK_TCK` confirms it.
+    100.0
+}
+
+/// (VmRSS, VmHWM) of a process in bytes.
+pub fn proc_rss(pid: u32) -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (0, 0);
+    };
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_nodelay(true)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let mut body = buf[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 || eol + 2 + size > b.len() {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[(eol + 4 + size).min(b.len())..];
+    }
+    out
+}
+
+/// GET `path` as text, or an empty string when the server does not answer.
+pub fn get_text(addr: SocketAddr, path: &str) -> String {
+    match http(addr, "GET", path, b"") {
+        Ok((_, b)) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Value of one sample of a Prometheus exposition (`name{labels}` exactly as printed).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|r| r.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Cumulative buckets `(le, count)` of a histogram.
+pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut out: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, v) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, v.trim().parse().ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Quantile from cumulative buckets, interpolating linearly inside the bucket.
+pub fn bucket_quantile(b: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = b.last() else {
+        return f64::NAN;
+    };
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let target = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for &(le, c) in b {
+        if c >= target {
+            if le.is_infinite() {
+                return lo;
+            }
+            let inside = c - below;
+            return if inside <= 0.0 {
+                le
+            } else {
+                lo + (le - lo) * (target - below) / inside
+            };
+        }
+        lo = le;
+        below = c;
+    }
+    lo
+}
+
+/// Fraction of observations at or below `le`.
+pub fn bucket_fraction(b: &[(f64, f64)], le: f64) -> f64 {
+    let total = b.last().map_or(0.0, |x| x.1);
+    b.iter()
+        .find(|x| (x.0 - le).abs() < 1e-12)
+        .map_or(f64::NAN, |x| x.1 / total)
+}
+
+/// Nearest-rank percentile of an ascending slice.
+pub fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Median (NaNs ignored).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Smallest and largest (NaNs ignored).
+pub fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold((f64::NAN, f64::NAN), |(lo, hi), x| {
+            (
+                if lo.is_nan() { x } else { lo.min(x) },
+                if hi.is_nan() { x } else { hi.max(x) },
+            )
+        })
+}
+
+/// A task value of exactly 100 bytes of JSON carrying a microsecond timestamp.
+pub fn task_value(t_us: u64) -> Vec<u8> {
+    let head = format!("{{\"t_us\":{t_us},\"pad\":\"");
+    let pad = 100usize.saturating_sub(head.len() + 2);
+    let mut v = head.into_bytes();
+    v.extend(std::iter::repeat_n(b'x', pad));
+    v.extend_from_slice(b"\"}");
+    v
+}
+
+/// Finds `"name":<integer>` in a JSON text without parsing it.
+pub fn scan_int(body: &[u8], name: &[u8]) -> Option<i64> {
+    let at = body.windows(name.len()).position(|w| w == name)? + name.len();
+    let rest = &body[at..];
+    let end = rest
+        .iter()
+        .position(|c| !(c.is_ascii_digit() || *c == b'-'))
+        .unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
