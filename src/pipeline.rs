@@ -248,15 +248,7 @@ impl Engine {
                     error: e.to_string(),
                     attempts: 0,
                 };
-                send(
-                    p,
-                    Work::DeadLetter(DlqWork {
-                        dead,
-                        hold: offset,
-                        finish: Some(offset),
-                        outcome: None,
-                    }),
-                );
+                dead_letter(p, dead, offset, Some(offset), None);
                 return;
             }
         };
@@ -272,15 +264,7 @@ impl Engine {
                         "too_large",
                         "a transaction limit was exceeded earlier",
                     );
-                    send(
-                        p,
-                        Work::DeadLetter(DlqWork {
-                            dead,
-                            hold: offset,
-                            finish: Some(offset),
-                            outcome: None,
-                        }),
-                    );
+                    dead_letter(p, dead, offset, Some(offset), None);
                     return;
                 }
                 if p.store.get(&marker.id).is_none() {
@@ -308,15 +292,7 @@ impl Engine {
                         error,
                         attempts: 0,
                     };
-                    send(
-                        p,
-                        Work::DeadLetter(DlqWork {
-                            dead,
-                            hold,
-                            finish: None,
-                            outcome: Some(Outcome::dead_lettered),
-                        }),
-                    );
+                    dead_letter(p, dead, hold, None, Some(Outcome::dead_lettered));
                 }
             }
             Kind::Abort => {
@@ -336,15 +312,7 @@ impl Engine {
                         "too_large",
                         "abort of a transaction that exceeded a limit",
                     );
-                    send(
-                        p,
-                        Work::DeadLetter(DlqWork {
-                            dead,
-                            hold: offset,
-                            finish: Some(offset),
-                            outcome: None,
-                        }),
-                    );
+                    dead_letter(p, dead, offset, Some(offset), None);
                 } else {
                     debug!(topic, partition, offset, txn_id = %marker.id, "abort with no staged tasks");
                 }
@@ -360,15 +328,7 @@ impl Engine {
                         "too_large",
                         "commit of a transaction that exceeded a limit",
                     );
-                    send(
-                        p,
-                        Work::DeadLetter(DlqWork {
-                            dead,
-                            hold: offset,
-                            finish: Some(offset),
-                            outcome: None,
-                        }),
-                    );
+                    dead_letter(p, dead, offset, Some(offset), None);
                     return;
                 }
                 let Some(t) = p.store.take(&marker.id) else {
@@ -383,15 +343,7 @@ impl Engine {
                     warn!(topic, partition, offset, txn_id = %marker.id, reason, "commit without tasks, dead-lettering it");
                     p.offsets.hold(offset);
                     let dead = single(p, &marker.id, rec, reason, error);
-                    send(
-                        p,
-                        Work::DeadLetter(DlqWork {
-                            dead,
-                            hold: offset,
-                            finish: Some(offset),
-                            outcome: Some(Outcome::dead_lettered),
-                        }),
-                    );
+                    dead_letter(p, dead, offset, Some(offset), Some(Outcome::dead_lettered));
                     return;
                 };
                 p.recent_commits.insert(&marker.id);
@@ -417,15 +369,7 @@ impl Engine {
                             error,
                             attempts: 0,
                         };
-                        send(
-                            p,
-                            Work::DeadLetter(DlqWork {
-                                dead,
-                                hold,
-                                finish: Some(offset),
-                                outcome: Some(Outcome::dead_lettered),
-                            }),
-                        );
+                        dead_letter(p, dead, hold, Some(offset), Some(Outcome::dead_lettered));
                         return;
                     }
                 }
@@ -672,15 +616,7 @@ impl Engine {
                                     error: "dead-lettered through the admin API".into(),
                                     attempts: 0,
                                 };
-                                send(
-                                    p,
-                                    Work::DeadLetter(DlqWork {
-                                        dead,
-                                        hold,
-                                        finish: None,
-                                        outcome: Some(Outcome::dead_lettered),
-                                    }),
-                                );
+                                dead_letter(p, dead, hold, None, Some(Outcome::dead_lettered));
                                 Ok(tasks)
                             }
                         },
@@ -755,15 +691,7 @@ impl Engine {
                     error: format!("no commit or abort within {age_ms} ms of the first task"),
                     attempts: 0,
                 };
-                send(
-                    p,
-                    Work::DeadLetter(DlqWork {
-                        dead,
-                        hold,
-                        finish: None,
-                        outcome: Some(Outcome::expired),
-                    }),
-                );
+                dead_letter(p, dead, hold, None, Some(Outcome::expired));
             }
             p.overflowed.retain(|_, ts| reference - *ts <= timeout);
         }
@@ -1142,6 +1070,25 @@ fn single(p: &Part, id: &str, rec: Record, reason: &'static str, error: &str) ->
         error: error.to_string(),
         attempts: 0,
     }
+}
+
+/// Queues `dead` for the partition's dead-letter lane, holding the offset at `hold`.
+fn dead_letter(
+    p: &mut Part,
+    dead: DeadTxn,
+    hold: i64,
+    finish: Option<i64>,
+    outcome: Option<Outcome>,
+) {
+    send(
+        p,
+        Work::DeadLetter(DlqWork {
+            dead,
+            hold,
+            finish,
+            outcome,
+        }),
+    );
 }
 
 fn send(p: &mut Part, work: Work) {
