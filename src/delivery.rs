@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HeaderNames, OnFailure};
-use crate::protocol::Record;
+use crate::protocol::{Record, Records};
 use crate::telemetry::{Metrics, ResultLabel};
 
 /// A committed transaction, ready to POST.
@@ -29,7 +29,7 @@ pub struct ReadyTxn {
     /// Offset of its first task.
     pub first_offset: i64,
     /// Tasks in offset order.
-    pub tasks: Vec<Record>,
+    pub tasks: Records,
     /// The commit marker itself (kept for dead-lettering and trace context).
     pub marker: Record,
     /// When the marker was consumed, for the commit-to-delivery latency.
@@ -401,7 +401,9 @@ mod tests {
                 task(1201, br#"{"any": "json"}"#),
                 task(1202, b"plain text"),
                 task(1203, &[0xff, 0x00]),
-            ],
+            ]
+            .into_iter()
+            .collect(),
             marker: task(1207, b""),
             committed_at: Instant::now(),
         };

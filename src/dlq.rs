@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::Config;
 use crate::kafka;
-use crate::protocol::Record;
+use crate::protocol::Records;
 
 /// Records of one failed transaction (or one bad record) and why they failed.
 #[derive(Debug, Clone)]
@@ -25,7 +25,7 @@ pub struct DeadTxn {
     /// Transaction id, when one is known.
     pub id: Option<String>,
     /// Records in source order: tasks, then the marker if there was one.
-    pub records: Vec<Record>,
+    pub records: Records,
     /// `txn-dlq-reason`: a stable label (`rejected`, `expired`, `too_large`, ...).
     pub reason: &'static str,
     /// `txn-dlq-error`: what went wrong, for a human.
@@ -139,7 +139,7 @@ impl DeadLetterWriter {
         let source = format!("{}/{}/{}", dead.topic, dead.partition, dead.source_offset());
         let attempts = dead.attempts.to_string();
         let mut pending = Vec::with_capacity(dead.records.len());
-        for rec in &dead.records {
+        for rec in dead.records.iter() {
             let mut headers = OwnedHeaders::new_with_capacity(rec.header_count() + 4);
             for (k, v) in rec.headers() {
                 let k = String::from_utf8_lossy(k);

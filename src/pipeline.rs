@@ -243,7 +243,7 @@ impl Engine {
                     topic: p.topic.clone(),
                     partition,
                     id: None,
-                    records: vec![rec],
+                    records: rec.into(),
                     reason: e.reason(),
                     error: e.to_string(),
                     attempts: 0,
@@ -359,7 +359,7 @@ impl Engine {
                         warn!(topic, partition, offset, txn_id = %marker.id, expected, staged = t.tasks.len(), "task count mismatch, dead-lettering");
                         let hold = t.first_offset;
                         let mut records = t.tasks;
-                        records.push(rec);
+                        records.push(&rec);
                         let dead = DeadTxn {
                             topic: p.topic.clone(),
                             partition,
@@ -674,8 +674,8 @@ impl Engine {
                 .store
                 .open()
                 .into_iter()
-                .filter(|t| reference - t.opened_ms > timeout)
-                .map(|t| t.id.clone())
+                .filter(|(_, t)| reference - t.opened_ms > timeout)
+                .map(|(id, _)| id.to_string())
                 .collect();
             for id in expired {
                 let Some(t) = p.store.take(&id) else { continue };
@@ -724,7 +724,7 @@ impl Engine {
                     p.store
                         .open()
                         .into_iter()
-                        .map(move |t| (t.opened_ms, p.topic.clone(), p.partition))
+                        .map(move |(_, t)| (t.opened_ms, p.topic.clone(), p.partition))
                 })
                 .min_by_key(|(ms, _, _)| *ms)
                 .map(|(_, t, n)| (t, n))
@@ -790,12 +790,12 @@ impl Engine {
                 paused: p.paused,
                 consumer_lag: p.consumer_lag,
             });
-            for t in p.store.open() {
+            for (id, t) in p.store.open() {
                 if txns.len() >= 1000 {
                     break;
                 }
                 txns.push(TxnView {
-                    id: t.id.clone(),
+                    id: id.to_string(),
                     topic: p.topic.to_string(),
                     partition: p.partition,
                     first_offset: t.first_offset,
@@ -1065,7 +1065,7 @@ fn single(p: &Part, id: &str, rec: Record, reason: &'static str, error: &str) ->
         topic: p.topic.clone(),
         partition: p.partition,
         id: Some(id.to_string()),
-        records: vec![rec],
+        records: rec.into(),
         reason,
         error: error.to_string(),
         attempts: 0,
@@ -1153,7 +1153,7 @@ impl Worker {
                     let hold = txn.first_offset;
                     let finish = Some(txn.commit_offset);
                     let mut records = txn.tasks;
-                    records.push(txn.marker);
+                    records.push(&txn.marker);
                     let dead = DeadTxn {
                         topic: txn.topic,
                         partition: txn.partition,

@@ -97,10 +97,62 @@ impl Record {
         }
     }
 
+    /// A borrowed view of this record.
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            data: &self.data,
+        }
+    }
+
+    /// Record key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.view().key()
+    }
+
+    /// Record value; `None` is a tombstone.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.view().value()
+    }
+
+    /// Headers in record order; names as raw bytes because producers can send anything.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = HeaderRef<'_>> + '_ {
+        self.view().headers()
+    }
+
+    /// Number of headers.
+    pub fn header_count(&self) -> usize {
+        self.view().header_count()
+    }
+
+    /// Bytes this record occupies in staging (key + value + headers).
+    pub fn size(&self) -> u64 {
+        self.view().size()
+    }
+
+    /// The first header named `name`, if any.
+    pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
+        self.view().header(name)
+    }
+}
+
+/// A record borrowed from a [`Record`] or from a transaction's [`Records`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Offset in its partition.
+    pub offset: i64,
+    /// Record timestamp in milliseconds since the epoch, when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    /// Same layout as [`Record`]'s buffer.
+    data: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
     /// Walks the length prefix: (key len+1, value len+1, header count, header lengths
     /// start, bytes start).
     fn layout(&self) -> (u64, u64, usize, usize, usize) {
-        let d = &self.data;
+        let d = self.data;
         let mut pos = 0;
         let k = get_varint(d, &mut pos);
         let v = get_varint(d, &mut pos);
@@ -113,32 +165,33 @@ impl Record {
         (k, v, n, lens, pos)
     }
 
-    fn slice(&self, at: usize, len_plus_one: u64) -> Option<&[u8]> {
+    fn slice(&self, at: usize, len_plus_one: u64) -> Option<&'a [u8]> {
         (len_plus_one > 0).then(|| &self.data[at..at + len_plus_one as usize - 1])
     }
 
     /// Record key.
-    pub fn key(&self) -> Option<&[u8]> {
+    pub fn key(&self) -> Option<&'a [u8]> {
         let (k, _, _, _, start) = self.layout();
         self.slice(start, k)
     }
 
     /// Record value; `None` is a tombstone.
-    pub fn value(&self) -> Option<&[u8]> {
+    pub fn value(&self) -> Option<&'a [u8]> {
         let (k, v, _, _, start) = self.layout();
         self.slice(start + k.saturating_sub(1) as usize, v)
     }
 
     /// Headers in record order; names as raw bytes because producers can send anything.
-    pub fn headers(&self) -> impl ExactSizeIterator<Item = HeaderRef<'_>> + '_ {
-        let (k, v, n, mut lens, start) = self.layout();
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = HeaderRef<'a>> + 'a {
+        let this = *self;
+        let (k, v, n, mut lens, start) = this.layout();
         let mut at = start + k.saturating_sub(1) as usize + v.saturating_sub(1) as usize;
         (0..n).map(move |_| {
-            let name_len = get_varint(&self.data, &mut lens) as usize;
-            let value_len = get_varint(&self.data, &mut lens);
-            let name = &self.data[at..at + name_len];
+            let name_len = get_varint(this.data, &mut lens) as usize;
+            let value_len = get_varint(this.data, &mut lens);
+            let name = &this.data[at..at + name_len];
             at += name_len;
-            let value = self.slice(at, value_len);
+            let value = this.slice(at, value_len);
             at += value_len.saturating_sub(1) as usize;
             (name, value)
         })
@@ -155,10 +208,161 @@ impl Record {
     }
 
     /// The first header named `name`, if any.
-    pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
+    pub fn header(&self, name: &str) -> Option<Option<&'a [u8]>> {
         self.headers()
             .find(|(k, _)| *k == name.as_bytes())
             .map(|(_, v)| v)
+    }
+
+    /// An owned copy.
+    pub fn to_record(&self) -> Record {
+        Record {
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            data: self.data.into(),
+        }
+    }
+}
+
+/// A transaction's records back to back in one growable buffer.
+///
+/// Staging holds every task of every open transaction. One `Box` per record in a `Vec`
+/// cost the allocator's rounding per record plus the `Vec`'s doubling slack, about 2x the
+/// payload for 100-byte values; here a transaction is one allocation that grows by an
+/// eighth, so the slack stays under 12.5 % (BENCHMARKS.md, "Memory").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Records {
+    /// Per record: varint(offset, zigzag), varint(timestamp zigzag + 1, 0 = none),
+    /// varint(data len), then the data in [`Record`]'s layout.
+    buf: Vec<u8>,
+    len: usize,
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+impl Records {
+    /// No records.
+    pub fn new() -> Records {
+        Records::default()
+    }
+
+    /// Appends a copy of `rec`.
+    pub fn push<'r>(&mut self, rec: impl Into<RecordRef<'r>>) {
+        let rec = rec.into();
+        let ts = rec.timestamp_ms.map_or(0, |t| zigzag(t).saturating_add(1));
+        let extra = varint_len(zigzag(rec.offset))
+            + varint_len(ts)
+            + varint_len(rec.data.len() as u64)
+            + rec.data.len();
+        let (len, cap) = (self.buf.len(), self.buf.capacity());
+        if len + extra > cap {
+            // Exact growth by at least an eighth: amortised linear copying, small slack.
+            let target = (len + extra).max(cap + cap / 8);
+            self.buf.reserve_exact(target - len);
+        }
+        put_varint(&mut self.buf, zigzag(rec.offset));
+        put_varint(&mut self.buf, ts);
+        put_varint(&mut self.buf, rec.data.len() as u64);
+        self.buf.extend_from_slice(rec.data);
+        self.len += 1;
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The records in the order they were pushed.
+    pub fn iter(&self) -> RecordsIter<'_> {
+        RecordsIter {
+            buf: &self.buf,
+            pos: 0,
+            left: self.len,
+        }
+    }
+
+    /// The last record pushed.
+    pub fn last(&self) -> Option<RecordRef<'_>> {
+        self.iter().last()
+    }
+}
+
+/// Iterator over [`Records`].
+#[derive(Debug, Clone)]
+pub struct RecordsIter<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    left: usize,
+}
+
+impl<'a> Iterator for RecordsIter<'a> {
+    type Item = RecordRef<'a>;
+
+    fn next(&mut self) -> Option<RecordRef<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let offset = unzigzag(get_varint(self.buf, &mut self.pos));
+        let ts = get_varint(self.buf, &mut self.pos);
+        let n = get_varint(self.buf, &mut self.pos) as usize;
+        let data = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Some(RecordRef {
+            offset,
+            timestamp_ms: (ts > 0).then(|| unzigzag(ts - 1)),
+            data,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for RecordsIter<'_> {}
+
+impl<'a> IntoIterator for &'a Records {
+    type Item = RecordRef<'a>;
+    type IntoIter = RecordsIter<'a>;
+
+    fn into_iter(self) -> RecordsIter<'a> {
+        self.iter()
+    }
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(r: &'a Record) -> RecordRef<'a> {
+        r.view()
+    }
+}
+
+impl From<Record> for Records {
+    fn from(r: Record) -> Records {
+        let mut rs = Records::new();
+        rs.push(&r);
+        rs
+    }
+}
+
+impl FromIterator<Record> for Records {
+    fn from_iter<I: IntoIterator<Item = Record>>(iter: I) -> Records {
+        let mut rs = Records::new();
+        for r in iter {
+            rs.push(&r);
+        }
+        rs
     }
 }
 
@@ -463,6 +667,50 @@ mod tests {
                     .collect();
                 Record::new(offset, None, key.as_deref(), value.as_deref(), &h)
             })
+    }
+
+    #[test]
+    fn records_round_trip_every_field_through_growth() {
+        let owned: Vec<Record> = (0..200i64)
+            .map(|i| {
+                let value = vec![i as u8; (i as usize * 7) % 300];
+                let name = format!("h{i}");
+                let h: [HeaderRef<'_>; 2] = [(name.as_bytes(), Some(b"x")), (b"null", None)];
+                let ts = match i % 3 {
+                    0 => None,
+                    1 => Some(1_700_000_000_000 + i),
+                    _ => Some(-i),
+                };
+                let key = (i % 4 != 0).then_some(&b"k"[..]);
+                Record::new(i * 1_000_003 - 5, ts, key, Some(&value), &h)
+            })
+            .collect();
+        let mut rs = Records::new();
+        assert!(rs.is_empty() && rs.last().is_none());
+        for r in &owned {
+            rs.push(r);
+        }
+        assert_eq!(rs.len(), 200);
+        assert_eq!(rs.iter().len(), 200);
+        for (a, b) in owned.iter().zip(rs.iter()) {
+            assert_eq!(a.view(), b);
+            assert_eq!(&b.to_record(), a);
+            assert_eq!(b.key(), a.key());
+            assert_eq!(b.value(), a.value());
+            assert_eq!(
+                b.headers().collect::<Vec<_>>(),
+                a.headers().collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(rs.last().map(|r| r.offset), Some(199 * 1_000_003 - 5));
+        // Growth by an eighth keeps the slack small.
+        let used: usize = rs.buf.len();
+        assert!(
+            rs.buf.capacity() <= used + used / 8 + 1,
+            "{} of {}",
+            used,
+            rs.buf.capacity()
+        );
     }
 
     proptest! {

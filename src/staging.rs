@@ -6,17 +6,15 @@
 
 use std::collections::HashMap;
 
-use crate::protocol::Record;
+use crate::protocol::{Record, Records};
 
 /// A transaction whose commit or abort marker has not arrived yet.
 #[derive(Debug, Clone)]
 pub struct OpenTxn {
-    /// Transaction id.
-    pub id: String,
     /// Offset of its first task: the committed offset must not pass it.
     pub first_offset: i64,
     /// Tasks in offset order.
-    pub tasks: Vec<Record>,
+    pub tasks: Records,
     /// Staged bytes (keys, values, headers).
     pub bytes: u64,
     /// Log time (ms) of the first task; expiry compares against this.
@@ -39,8 +37,8 @@ pub trait StagingStore: Send {
     }
     /// Staged bytes across open transactions.
     fn bytes(&self) -> u64;
-    /// Every open transaction, in no particular order.
-    fn open(&self) -> Vec<&OpenTxn>;
+    /// Every open transaction with its id, in no particular order.
+    fn open(&self) -> Vec<(&str, &OpenTxn)>;
     /// Drops everything (on revoke).
     fn clear(&mut self);
 }
@@ -48,7 +46,9 @@ pub trait StagingStore: Send {
 /// The default store: a hash map in memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    txns: HashMap<String, OpenTxn>,
+    /// The id lives only in the key: a second copy per transaction was measurable in
+    /// staged memory at small transactions (BENCHMARKS.md, "Memory").
+    txns: HashMap<Box<str>, OpenTxn>,
     bytes: u64,
 }
 
@@ -66,17 +66,16 @@ impl StagingStore for MemoryStore {
         // Look up before inserting: `entry` would allocate the id for every task.
         if !self.txns.contains_key(id) {
             let txn = OpenTxn {
-                id: id.to_string(),
                 first_offset: task.offset,
-                tasks: Vec::new(),
+                tasks: Records::new(),
                 bytes: 0,
                 opened_ms: log_time_ms,
             };
-            self.txns.insert(id.to_string(), txn);
+            self.txns.insert(id.into(), txn);
         }
         let txn = self.txns.get_mut(id).expect("inserted above");
         txn.bytes += size;
-        txn.tasks.push(task);
+        txn.tasks.push(&task);
         txn
     }
 
@@ -98,8 +97,8 @@ impl StagingStore for MemoryStore {
         self.bytes
     }
 
-    fn open(&self) -> Vec<&OpenTxn> {
-        self.txns.values().collect()
+    fn open(&self) -> Vec<(&str, &OpenTxn)> {
+        self.txns.iter().map(|(id, t)| (&**id, t)).collect()
     }
 
     fn clear(&mut self) {
