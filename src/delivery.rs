@@ -2,6 +2,7 @@
 //! its answer (2xx/409 delivered; 408/425/429/5xx/connect/timeout retried; other 4xx
 //! permanent), retrying with exponential backoff and jitter that honours `Retry-After`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,10 +57,27 @@ struct Body<'a> {
 struct TaskBody<'a> {
     offset: i64,
     key: Option<&'a str>,
-    headers: serde_json::Map<String, serde_json::Value>,
+    headers: TaskHeaders<'a>,
     value: TaskValue<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     encoding: Option<&'static str>,
+}
+
+/// A task's headers as a JSON object: sorted by name, the last of a repeated name wins.
+///
+/// Borrowed from the staged record, so rendering allocates one small `Vec` per task
+/// instead of a map node and two `String`s per header (BENCHMARKS.md, "Delivery").
+struct TaskHeaders<'a>(Vec<(&'a str, Option<Cow<'a, str>>)>);
+
+impl Serialize for TaskHeaders<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -74,11 +92,12 @@ enum TaskValue<'a> {
 /// Renders the request body of the brief's HTTP contract.
 pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
     let marker_headers = [names.id.as_str(), names.kind.as_str(), names.count.as_str()];
-    let tasks = txn
+    let tasks: Vec<TaskBody<'_>> = txn
         .tasks
         .iter()
         .map(|t| {
-            let mut headers = serde_json::Map::new();
+            let mut headers: Vec<(&str, Option<Cow<'_, str>>)> =
+                Vec::with_capacity(t.header_count());
             for (k, v) in t.headers() {
                 let Ok(k) = std::str::from_utf8(k) else {
                     continue;
@@ -86,12 +105,14 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
                 if marker_headers.contains(&k) {
                     continue;
                 }
-                let v = match v {
-                    Some(v) => serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
-                    None => serde_json::Value::Null,
-                };
-                headers.insert(k.to_string(), v);
+                headers.push((k, v.map(String::from_utf8_lossy)));
             }
+            // Stable sort, then keep the last of each name: what a JSON object built by
+            // inserting in record order would hold.
+            headers.sort_by(|a, b| a.0.cmp(b.0));
+            headers.reverse();
+            headers.dedup_by(|later, kept| later.0 == kept.0);
+            headers.reverse();
             let (value, encoding) = match t.value() {
                 None => (TaskValue::Null, None),
                 Some(v) => match serde_json::from_slice::<&RawValue>(v) {
@@ -108,7 +129,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
             TaskBody {
                 offset: t.offset,
                 key: t.key().and_then(|k| std::str::from_utf8(k).ok()),
-                headers,
+                headers: TaskHeaders(headers),
                 value,
                 encoding,
             }
@@ -420,6 +441,33 @@ mod tests {
             })
         );
         assert_eq!(txn.idempotency_key(), "orders.tx/3/1207");
+    }
+
+    #[test]
+    fn task_headers_are_sorted_deduplicated_last_wins_and_escaped() {
+        let h: [(&[u8], Option<&[u8]>); 7] = [
+            (b"zeta", Some(b"1")),
+            (b"txn-type", Some(b"task")),
+            (b"alpha", Some(b"first")),
+            (b"nul", None),
+            (b"alpha", Some(b"second \"quoted\"")),
+            (b"txn-id", Some(b"x")),
+            (b"\xff", Some(b"dropped: not utf-8")),
+        ];
+        let txn = ReadyTxn {
+            topic: "t".into(),
+            partition: 0,
+            id: "x".into(),
+            commit_offset: 9,
+            first_offset: 8,
+            tasks: Records::from(Record::new(8, Some(5), None, None, &h)),
+            marker: task(9, b""),
+            committed_at: Instant::now(),
+        };
+        assert_eq!(
+            String::from_utf8(render_body(&txn, &names())).unwrap(),
+            r#"{"id":"x","topic":"t","partition":0,"commit_offset":9,"tasks":[{"offset":8,"key":null,"headers":{"alpha":"second \"quoted\"","nul":null,"zeta":"1"},"value":null}]}"#
+        );
     }
 
     #[test]
