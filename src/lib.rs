@@ -9,7 +9,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | settings: defaults < TOML file < `TXN_SIDECAR_*` env < flags, validated once |
-//! | [`protocol`] | the Kafka-side wire contract: record → task / commit / abort |
+//! | [`protocol`] | the Kafka-side wire contract: record → task / commit / abort; the compact record and a transaction's record buffer |
 //! | [`staging`] | the store of open transactions, behind the [`staging::StagingStore`] trait |
 //! | [`offsets`] | safe offsets and the skip set carried in offset-commit metadata |
 //! | [`pipeline`] | the consumer thread, per-partition delivery workers, rebalances, back-pressure, expiry |

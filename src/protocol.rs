@@ -232,8 +232,8 @@ impl<'a> RecordRef<'a> {
 /// eighth, so the slack stays under 12.5 % (BENCHMARKS.md, "Memory").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Records {
-    /// Per record: varint(offset, zigzag), varint(timestamp zigzag + 1, 0 = none),
-    /// varint(data len), then the data in [`Record`]'s layout.
+    /// Per record: varint(offset, zigzag), varint(data len × 2 + 1 if a timestamp
+    /// follows), varint(timestamp, zigzag) if any, then the data in [`Record`]'s layout.
     buf: Vec<u8>,
     len: usize,
 }
@@ -255,10 +255,10 @@ impl Records {
     /// Appends a copy of `rec`.
     pub fn push<'r>(&mut self, rec: impl Into<RecordRef<'r>>) {
         let rec = rec.into();
-        let ts = rec.timestamp_ms.map_or(0, |t| zigzag(t).saturating_add(1));
+        let len_flag = ((rec.data.len() as u64) << 1) | u64::from(rec.timestamp_ms.is_some());
         let extra = varint_len(zigzag(rec.offset))
-            + varint_len(ts)
-            + varint_len(rec.data.len() as u64)
+            + varint_len(len_flag)
+            + rec.timestamp_ms.map_or(0, |t| varint_len(zigzag(t)))
             + rec.data.len();
         let (len, cap) = (self.buf.len(), self.buf.capacity());
         if len + extra > cap {
@@ -267,8 +267,10 @@ impl Records {
             self.buf.reserve_exact(target - len);
         }
         put_varint(&mut self.buf, zigzag(rec.offset));
-        put_varint(&mut self.buf, ts);
-        put_varint(&mut self.buf, rec.data.len() as u64);
+        put_varint(&mut self.buf, len_flag);
+        if let Some(t) = rec.timestamp_ms {
+            put_varint(&mut self.buf, zigzag(t));
+        }
         self.buf.extend_from_slice(rec.data);
         self.len += 1;
     }
@@ -315,13 +317,15 @@ impl<'a> Iterator for RecordsIter<'a> {
         }
         self.left -= 1;
         let offset = unzigzag(get_varint(self.buf, &mut self.pos));
-        let ts = get_varint(self.buf, &mut self.pos);
-        let n = get_varint(self.buf, &mut self.pos) as usize;
+        let len_flag = get_varint(self.buf, &mut self.pos);
+        let timestamp_ms =
+            (len_flag & 1 == 1).then(|| unzigzag(get_varint(self.buf, &mut self.pos)));
+        let n = (len_flag >> 1) as usize;
         let data = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Some(RecordRef {
             offset,
-            timestamp_ms: (ts > 0).then(|| unzigzag(ts - 1)),
+            timestamp_ms,
             data,
         })
     }
@@ -676,9 +680,10 @@ mod tests {
                 let value = vec![i as u8; (i as usize * 7) % 300];
                 let name = format!("h{i}");
                 let h: [HeaderRef<'_>; 2] = [(name.as_bytes(), Some(b"x")), (b"null", None)];
-                let ts = match i % 3 {
+                let ts = match i % 4 {
                     0 => None,
                     1 => Some(1_700_000_000_000 + i),
+                    2 => Some(i64::MIN + i),
                     _ => Some(-i),
                 };
                 let key = (i % 4 != 0).then_some(&b"k"[..]);
@@ -714,6 +719,23 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn records_give_back_what_was_pushed(
+            rs in prop::collection::vec((arb_record(), prop::option::of(any::<i64>())), 0..20)
+        ) {
+            let owned: Vec<Record> = rs
+                .into_iter()
+                .map(|(mut r, ts)| {
+                    r.timestamp_ms = ts;
+                    r
+                })
+                .collect();
+            let buf: Records = owned.iter().cloned().collect();
+            prop_assert_eq!(buf.len(), owned.len());
+            let back: Vec<Record> = buf.iter().map(|r| r.to_record()).collect();
+            prop_assert_eq!(back, owned);
+        }
+
         #[test]
         fn decode_never_panics_and_ids_are_never_empty(r in arb_record()) {
             for p in [Protocol::Headers, Protocol::KeyPrefix] {
