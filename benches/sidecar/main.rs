@@ -428,14 +428,22 @@ impl Producer {
         }
     }
 
-    /// `tasks` tasks then a commit (or nothing, for a transaction left open).
-    fn txn(&self, topic: &str, partition: i32, id: &str, tasks: usize, t_us: u64, commit: bool) {
+    /// `tasks` tasks then the `end` marker (`commit`, `abort`; `None` leaves it open).
+    fn txn(
+        &self,
+        topic: &str,
+        partition: i32,
+        id: &str,
+        tasks: usize,
+        t_us: u64,
+        end: Option<&str>,
+    ) {
         let v = task_value(t_us);
         for _ in 0..tasks {
             self.send(topic, partition, id, "task", Some(&v));
         }
-        if commit {
-            self.send(topic, partition, id, "commit", Some(&v));
+        if let Some(kind) = end {
+            self.send(topic, partition, id, kind, Some(&v));
         }
     }
 
@@ -527,14 +535,21 @@ fn driver(args: &[String]) -> Result<()> {
     if want("staging") {
         for j in 0..o.stage_per_part / 10 {
             for p in 0..o.stage_parts {
-                bulk.txn("stage", p, &format!("s{p}-{j:07}"), 10, now_us(), false);
+                bulk.txn("stage", p, &format!("s{p}-{j:07}"), 10, now_us(), None);
             }
         }
     }
     if want("delivery") {
         for j in 0..o.deliver_per_part {
             for p in 0..o.deliver_parts {
-                bulk.txn("deliver", p, &format!("d{p}-{j:07}"), 10, now_us(), true);
+                bulk.txn(
+                    "deliver",
+                    p,
+                    &format!("d{p}-{j:07}"),
+                    10,
+                    now_us(),
+                    Some("commit"),
+                );
             }
         }
     }
@@ -888,7 +903,14 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
             std::thread::sleep(due - now);
         }
         let part = (i % parts as u64) as i32;
-        p.txn(&topic, part, &format!("l{r}-{i:08}"), 10, now_us(), true);
+        p.txn(
+            &topic,
+            part,
+            &format!("l{r}-{i:08}"),
+            10,
+            now_us(),
+            Some("commit"),
+        );
     }
     let produce_secs = start.elapsed().as_secs_f64();
     p.flush()?;
@@ -1001,14 +1023,14 @@ fn memory(ctx: &Ctx, r: usize) -> Result<Value> {
         let mut sent = 0u64;
         for j in 0..ctx.o.mem_per_part / 10 {
             for part in 0..parts {
-                let id = format!("{phase}{part}-{j:07}");
-                let v = task_value(now_us());
-                for _ in 0..10 {
-                    p.send(&topic, part, &id, "task", Some(&v));
-                }
-                if let Some(kind) = end {
-                    p.send(&topic, part, &id, kind, None);
-                }
+                p.txn(
+                    &topic,
+                    part,
+                    &format!("{phase}{part}-{j:07}"),
+                    10,
+                    now_us(),
+                    end,
+                );
                 sent += 10;
                 let due = start + Duration::from_micros(sent * 20);
                 let now = Instant::now();
@@ -1088,7 +1110,7 @@ fn rebalance(
                     &format!("r{r}-{i:08}"),
                     10,
                     now_us(),
-                    true,
+                    Some("commit"),
                 );
                 i += 1;
             }
