@@ -3,13 +3,24 @@
 //! permanent), retrying with exponential backoff and jitter that honours `Retry-After`.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HeaderNames, OnFailure};
@@ -222,11 +233,332 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     )
 }
 
-/// The pooled HTTP client and retry policy.
+/// `app.url` cannot be turned into requests.
+#[derive(Debug, thiserror::Error)]
+#[error("app.url {url}: {reason}")]
+pub struct TargetError {
+    url: String,
+    reason: String,
+}
+
+/// Where the app listens: parsed once from `app.url`.
+#[derive(Debug)]
+struct Target {
+    dest: Dest,
+    /// The `Host` header (hyper's connection API does not add one).
+    host: HeaderValue,
+    /// Origin-form request target: path and query.
+    uri: Uri,
+    connect_timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Dest {
+    Addr(SocketAddr),
+    Name(String, u16),
+}
+
+/// The most idle connections kept, and for how long (what reqwest's pool kept before).
+const MAX_IDLE: usize = 64;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A success body longer than this is not drained; its connection is closed instead.
+const MAX_DRAIN: usize = 1 << 20;
+
+/// The app's answer to one POST.
+#[derive(Debug)]
+pub struct AppResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After`, parsed.
+    pub retry_after: Option<Duration>,
+    /// Start of the body (first 256 characters), kept only for non-success answers.
+    pub body: String,
+}
+
+/// An HTTP/1.1 client for the app with keep-alive connections that run in the caller's task.
+///
+/// A pooled client (reqwest, hyper-util) drives each connection in a task of its own, so
+/// every request crosses tasks twice and often threads. Deliveries are sequential per
+/// partition, so the task that sends can as well read: a connection here is taken from an
+/// idle stack, polled by the request's own future, and returned when its response has
+/// been read in full (BENCHMARKS.md, change 6). Dropping a request mid-flight (timeout,
+/// revoke, shutdown) drops its connection with it.
+#[derive(Clone)]
+pub struct AppClient {
+    target: Arc<Target>,
+    idle: Arc<Mutex<Vec<Conn>>>,
+}
+
+/// One HTTP/1.1 connection: the handle that sends and the state machine that does the IO.
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    driver: Driver,
+    idle_since: Instant,
+}
+
+struct Driver {
+    conn: Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    /// The connection future finished: the connection is closed.
+    done: bool,
+    /// Why it finished, when it was an error (more telling than the request's own error).
+    error: Option<String>,
+}
+
+impl Driver {
+    fn finish(&mut self, r: hyper::Result<()>) {
+        self.done = true;
+        if let Err(e) = r {
+            self.error = Some(root_cause(&e));
+        }
+    }
+
+    /// Runs `f` while polling the connection, so the IO `f` waits for happens in this task.
+    async fn drive<F: Future>(&mut self, f: F) -> F::Output {
+        tokio::pin!(f);
+        if !self.done {
+            tokio::select! {
+                biased;
+                out = &mut f => return out,
+                r = self.conn.as_mut() => self.finish(r),
+            }
+        }
+        // Closed: whatever `f` waits for is settled already (data buffered or an error).
+        f.await
+    }
+
+    /// Whether the app closed the connection while it was idle, without waiting: a read
+    /// that returns the app's FIN completes the connection future.
+    fn closed_while_idle(&mut self) -> bool {
+        if !self.done {
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(r) = self.conn.as_mut().poll(&mut cx) {
+                self.finish(r);
+            }
+        }
+        self.done
+    }
+}
+
+/// A request that failed, and whether it may go again at once on a new connection.
+enum Failure {
+    /// Not written.
+    Unsent(DeliveryError),
+    /// Written, and the app closed the connection without a byte of answer: on a
+    /// kept-alive connection, what an app's idle timeout firing as the request arrived
+    /// looks like. Resending is safe: the request carries its `Idempotency-Key`.
+    Unanswered(DeliveryError),
+    /// Anything else: the retry policy decides.
+    Sent(DeliveryError),
+}
+
+impl AppClient {
+    /// A client for `url`; `connect_timeout` bounds each TCP connect.
+    pub fn new(url: &url::Url, connect_timeout: Duration) -> Result<AppClient, TargetError> {
+        let bad = |reason: &str| TargetError {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if url.scheme() != "http" {
+            return Err(bad("only http is supported"));
+        }
+        let port = url.port_or_known_default().unwrap_or(80);
+        let dest = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Dest::Addr(SocketAddr::new(ip.into(), port)),
+            Some(url::Host::Ipv6(ip)) => Dest::Addr(SocketAddr::new(ip.into(), port)),
+            Some(url::Host::Domain(name)) => Dest::Name(name.to_string(), port),
+            None => return Err(bad("no host")),
+        };
+        let host_str = url.host_str().unwrap_or_default();
+        let host = match url.port() {
+            Some(p) => format!("{host_str}:{p}"),
+            None => host_str.to_string(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| bad("host is not a header value"))?;
+        let path = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let uri = path.parse::<Uri>().map_err(|e| bad(&e.to_string()))?;
+        Ok(AppClient {
+            target: Arc::new(Target {
+                dest,
+                host,
+                uri,
+                connect_timeout,
+            }),
+            idle: Arc::default(),
+        })
+    }
+
+    /// POSTs `body` with `headers` (plus `Host` and `Content-Length`), within `timeout`
+    /// from the first connect to the last byte of the answer.
+    pub async fn post(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<AppResponse, DeliveryError> {
+        match tokio::time::timeout(timeout, self.exchange(headers, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(DeliveryError::Timeout(timeout)),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<AppResponse, DeliveryError> {
+        let (mut conn, mut reused) = match self.take_idle() {
+            Some(c) => (c, true),
+            None => (self.connect().await?, false),
+        };
+        loop {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = self.target.uri.clone();
+            *req.headers_mut() = headers.clone();
+            req.headers_mut().insert(HOST, self.target.host.clone());
+            match Self::roundtrip(&mut conn, req).await {
+                Ok((resp, reusable)) => {
+                    if reusable {
+                        self.put_idle(conn);
+                    }
+                    return Ok(resp);
+                }
+                // The app closed a kept-alive connection as we picked it: a fresh
+                // connection gets the request without a retry delay, once.
+                Err(Failure::Unsent(_) | Failure::Unanswered(_)) if reused => {
+                    reused = false;
+                    conn = self.connect().await?;
+                }
+                Err(Failure::Unsent(e) | Failure::Unanswered(e) | Failure::Sent(e)) => {
+                    return Err(e)
+                }
+            }
+        }
+    }
+
+    async fn roundtrip(
+        conn: &mut Conn,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(AppResponse, bool), Failure> {
+        let transport = |driver: &Driver, e: &hyper::Error| {
+            DeliveryError::Transport(driver.error.clone().unwrap_or_else(|| root_cause(e)))
+        };
+        if let Err(e) = conn.driver.drive(conn.sender.ready()).await {
+            return Err(Failure::Unsent(transport(&conn.driver, &e)));
+        }
+        let resp = match conn.driver.drive(conn.sender.try_send_request(req)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let err = transport(&conn.driver, e.error());
+                return Err(if e.message().is_some() {
+                    Failure::Unsent(err)
+                } else if e.error().is_incomplete_message() {
+                    Failure::Unanswered(err)
+                } else {
+                    Failure::Sent(err)
+                });
+            }
+        };
+        let status = resp.status().as_u16();
+        let keep_text = !(resp.status().is_success() || status == 409);
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let mut body = resp.into_body();
+        let (mut text, mut read, mut complete) = (Vec::new(), 0usize, false);
+        loop {
+            match conn.driver.drive(body.frame()).await {
+                None => {
+                    complete = true;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        read += data.len();
+                        if keep_text && text.len() < 1024 {
+                            text.extend_from_slice(&data[..data.len().min(1024 - text.len())]);
+                        }
+                        if read > MAX_DRAIN {
+                            break;
+                        }
+                    }
+                }
+                // The status has arrived and stands; only the connection is lost.
+                Some(Err(_)) => break,
+            }
+        }
+        let body = if keep_text {
+            String::from_utf8_lossy(&text).chars().take(256).collect()
+        } else {
+            String::new()
+        };
+        let reusable = complete && !conn.driver.done;
+        Ok((
+            AppResponse {
+                status,
+                retry_after,
+                body,
+            },
+            reusable,
+        ))
+    }
+
+    async fn connect(&self) -> Result<Conn, DeliveryError> {
+        let t = &self.target;
+        let connect = async {
+            match &t.dest {
+                Dest::Addr(a) => TcpStream::connect(a).await,
+                Dest::Name(n, p) => TcpStream::connect((n.as_str(), *p)).await,
+            }
+        };
+        let stream = match tokio::time::timeout(t.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(DeliveryError::Connect(e.to_string())),
+            Err(_) => return Err(DeliveryError::Timeout(t.connect_timeout)),
+        };
+        // Small requests and answers: Nagle's delay would be pure latency.
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| DeliveryError::Transport(root_cause(&e)))?;
+        Ok(Conn {
+            sender,
+            driver: Driver {
+                conn: Box::pin(conn),
+                done: false,
+                error: None,
+            },
+            idle_since: Instant::now(),
+        })
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        // Most recently used first: the likeliest to be alive, and the rest age out.
+        while let Some(mut c) = idle.pop() {
+            if c.idle_since.elapsed() < IDLE_TIMEOUT && !c.driver.closed_while_idle() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+    }
+}
+
+/// The HTTP client and retry policy.
 #[derive(Clone)]
 pub struct Deliverer {
-    client: reqwest::Client,
-    url: url::Url,
+    app: AppClient,
     timeout: Duration,
     names: HeaderNames,
     initial_backoff: Duration,
@@ -239,17 +571,10 @@ pub struct Deliverer {
 
 impl Deliverer {
     /// A deliverer for `cfg`.
-    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Deliverer, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5).min(cfg.app.timeout))
-            .no_proxy()
-            .build()?;
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Deliverer, TargetError> {
+        let app = AppClient::new(&cfg.app.url, Duration::from_secs(5).min(cfg.app.timeout))?;
         Ok(Deliverer {
-            client,
-            url: cfg.app.url.clone(),
+            app,
             timeout: cfg.app.timeout,
             names: cfg.headers.clone(),
             initial_backoff: cfg.retry.initial_backoff,
@@ -261,58 +586,22 @@ impl Deliverer {
         })
     }
 
-    /// The shared HTTP client (the admin server reuses it for `/readyz`).
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
-    async fn attempt(&self, txn: &ReadyTxn, body: &[u8]) -> Result<u16, DeliveryError> {
-        let mut req = self
-            .client
-            .post(self.url.clone())
-            .timeout(self.timeout)
-            .header("content-type", "application/json")
-            .header("idempotency-key", txn.idempotency_key())
-            .header("x-txn-id", txn.id.as_str())
-            .body(body.to_vec());
-        for name in ["traceparent", "tracestate"] {
-            if let Some(Some(v)) = txn.marker.header(name) {
-                if let Ok(v) = std::str::from_utf8(v) {
-                    req = req.header(name, v);
-                }
-            }
+    async fn attempt(&self, headers: &HeaderMap, body: &Bytes) -> Result<u16, DeliveryError> {
+        let resp = self.app.post(headers, body.clone(), self.timeout).await?;
+        if (200..300).contains(&resp.status) || resp.status == 409 {
+            return Ok(resp.status);
         }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                DeliveryError::Timeout(self.timeout)
-            } else if e.is_connect() {
-                DeliveryError::Connect(root_cause(&e))
-            } else {
-                DeliveryError::Transport(root_cause(&e))
-            }
-        })?;
-        let status = resp.status().as_u16();
-        if resp.status().is_success() || status == 409 {
-            // Drain so the connection goes back to the pool.
-            let _ = resp.bytes().await;
-            return Ok(status);
-        }
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = resp.text().await.unwrap_or_default();
         Err(DeliveryError::Status {
-            status,
-            retry_after,
-            body: body.chars().take(256).collect(),
+            status: resp.status,
+            retry_after: resp.retry_after,
+            body: resp.body,
         })
     }
 
     /// Delivers `txn`, retrying per policy, until it succeeds, fails for good or `cancel` fires.
     pub async fn deliver(&self, txn: &ReadyTxn, cancel: &CancellationToken) -> Delivered {
-        let body = render_body(txn, &self.names);
+        let body = Bytes::from(render_body(txn, &self.names));
+        let headers = request_headers(txn);
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut backoff = ExponentialBuilder::default()
@@ -324,7 +613,7 @@ impl Deliverer {
         loop {
             attempts += 1;
             let result = tokio::select! {
-                r = self.attempt(txn, &body) => r,
+                r = self.attempt(&headers, &body) => r,
                 _ = cancel.cancelled() => return Delivered::Cancelled,
             };
             let err = match result {
@@ -380,6 +669,34 @@ impl Deliverer {
         }
     }
 }
+
+/// The contract's request headers for `txn` (Host and Content-Length are added per request).
+fn request_headers(txn: &ReadyTxn) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(6);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // A topic name and two numbers: always a valid header value.
+    if let Ok(v) = HeaderValue::from_str(&txn.idempotency_key()) {
+        h.insert(IDEMPOTENCY_KEY, v);
+    }
+    // An id with a control character cannot travel in a header; the body carries it
+    // anyway, and failing the request would fail it on every retry.
+    if let Ok(v) = HeaderValue::from_str(&txn.id) {
+        h.insert(X_TXN_ID, v);
+    }
+    for name in [TRACEPARENT, TRACESTATE] {
+        if let Some(Some(v)) = txn.marker.header(name.as_str()) {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                h.insert(name, v);
+            }
+        }
+    }
+    h
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const X_TXN_ID: HeaderName = HeaderName::from_static("x-txn-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
@@ -467,6 +784,245 @@ mod tests {
         assert_eq!(
             String::from_utf8(render_body(&txn, &names())).unwrap(),
             r#"{"id":"x","topic":"t","partition":0,"commit_offset":9,"tasks":[{"offset":8,"key":null,"headers":{"alpha":"second \"quoted\"","nul":null,"zeta":"1"},"value":null}]}"#
+        );
+    }
+
+    /// What the raw test app does with a request, given its connection and request number.
+    #[derive(Clone, Copy)]
+    enum Reply {
+        Answer(&'static str),
+        Close,
+        Hang,
+    }
+
+    const OK: Reply = Reply::Answer("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+
+    struct RawApp {
+        url: url::Url,
+        /// Connections accepted.
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+        /// Request heads, in arrival order.
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// A hand-written HTTP/1.1 app on a loopback port, so tests control exactly when
+    /// a connection is answered, closed or left hanging.
+    async fn raw_app(script: fn(usize, usize) -> Reply) -> RawApp {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (acc, hs) = (accepted.clone(), heads.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let c = acc.fetch_add(1, Ordering::SeqCst);
+                let hs = hs.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for r in 0.. {
+                        // One request: head, then Content-Length bytes of body.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + len);
+                        hs.lock().unwrap().push(head);
+                        match script(c, r) {
+                            Reply::Answer(a) => {
+                                if sock.write_all(a.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Reply::Close => return,
+                            Reply::Hang => std::future::pending::<()>().await,
+                        }
+                    }
+                });
+            }
+        });
+        RawApp {
+            url: format!("http://{addr}/txns?v=1").parse().unwrap(),
+            accepted,
+            heads,
+        }
+    }
+
+    fn json_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h
+    }
+
+    async fn post(c: &AppClient, timeout_ms: u64) -> Result<AppResponse, DeliveryError> {
+        let body = Bytes::from_static(br#"{"id":"x"}"#);
+        c.post(&json_headers(), body, Duration::from_millis(timeout_ms))
+            .await
+    }
+
+    fn accepted(app: &RawApp) -> usize {
+        app.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_sequential_requests() {
+        let app = raw_app(|_, _| OK).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        for _ in 0..3 {
+            assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        }
+        assert_eq!(accepted(&app), 1);
+        let heads = app.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3);
+        let port = app.url.port().unwrap();
+        for h in heads {
+            assert!(h.starts_with("post /txns?v=1 http/1.1\r\n"), "{h}");
+            assert!(
+                h.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")),
+                "{h}"
+            );
+            assert!(h.contains("\r\ncontent-length: 10\r\n"), "{h}");
+            assert!(h.contains("\r\ncontent-type: application/json\r\n"), "{h}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_the_app_dropped_on_a_kept_alive_connection_goes_again_at_once() {
+        // Connection 0 answers its first request and drops the second unanswered, as an
+        // app whose idle timeout fires while the request is in flight.
+        let app = raw_app(|c, r| if c == 0 && r == 1 { Reply::Close } else { OK }).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        assert_eq!(accepted(&app), 2);
+        assert_eq!(app.heads.lock().unwrap().len(), 3);
+        // Only once: an app that drops every request is an error for the retry policy.
+        let app = raw_app(|c, r| if c == 0 && r == 0 { OK } else { Reply::Close }).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        let e = post(&c, 5000).await.unwrap_err();
+        assert!(matches!(e, DeliveryError::Transport(_)), "{e:?}");
+        assert!(e.is_retryable());
+        assert_eq!(accepted(&app), 2);
+    }
+
+    #[tokio::test]
+    async fn a_silent_app_times_out_and_its_connection_is_not_reused() {
+        let app = raw_app(|c, _| if c == 0 { Reply::Hang } else { OK }).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        let started = Instant::now();
+        let e = post(&c, 300).await.unwrap_err();
+        assert!(matches!(e, DeliveryError::Timeout(_)), "{e:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        assert_eq!(accepted(&app), 2);
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_keeps_status_retry_after_and_the_start_of_its_body() {
+        static ANSWER: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+            let body = "é".repeat(300);
+            let a = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nretry-after: 7\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            Box::leak(a.into_boxed_str())
+        });
+        let app = raw_app(|_, _| Reply::Answer(&ANSWER)).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        let r = post(&c, 5000).await.unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(r.body, "é".repeat(256));
+        // Read in full, so the connection stays.
+        post(&c, 5000).await.unwrap();
+        assert_eq!(accepted(&app), 1);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_success_body_is_not_drained_and_its_connection_is_closed() {
+        static BIG: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+            let body = "x".repeat(2 * MAX_DRAIN);
+            let a = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            Box::leak(a.into_boxed_str())
+        });
+        let app = raw_app(|c, _| if c == 0 { Reply::Answer(&BIG) } else { OK }).await;
+        let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+        assert_eq!(accepted(&app), 2);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_retryable_connect_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url: url::Url = format!("http://{}/", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(l);
+        let c = AppClient::new(&url, Duration::from_secs(1)).unwrap();
+        let e = post(&c, 5000).await.unwrap_err();
+        assert!(matches!(e, DeliveryError::Connect(_)), "{e:?}");
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn an_id_that_cannot_be_a_header_travels_in_the_body_only() {
+        let marker_headers: [(&[u8], Option<&[u8]>); 2] = [
+            (
+                b"traceparent",
+                Some(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ),
+            (b"tracestate", Some(b"bad\nvalue")),
+        ];
+        let mut txn = ReadyTxn {
+            topic: "orders.tx".into(),
+            partition: 3,
+            id: "order\n42".into(),
+            commit_offset: 1207,
+            first_offset: 1201,
+            tasks: Records::new(),
+            marker: Record::new(1207, None, None, None, &marker_headers),
+            committed_at: Instant::now(),
+        };
+        let h = request_headers(&txn);
+        assert_eq!(h.get("idempotency-key").unwrap(), "orders.tx/3/1207");
+        assert!(h.get("x-txn-id").is_none());
+        assert_eq!(
+            h.get("traceparent").unwrap(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        assert!(h.get("tracestate").is_none());
+        txn.id = "заказ-42".into();
+        assert_eq!(
+            request_headers(&txn).get("x-txn-id").unwrap().as_bytes(),
+            "заказ-42".as_bytes()
         );
     }
 

@@ -60,7 +60,10 @@ pub use telemetry::Metrics;
 /// Why the sidecar could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The HTTP client could not be built.
+    /// The app's URL cannot be requested.
+    #[error(transparent)]
+    App(#[from] delivery::TargetError),
+    /// The readiness probe's HTTP client could not be built.
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
     /// A Kafka client could not be created.
@@ -150,7 +153,7 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
         commands_tx,
         snapshot.clone(),
         metrics.clone(),
-        deliverer.client().clone(),
+        reqwest::Client::builder().no_proxy().build()?,
         probe,
         admin_stop.clone(),
         &tracker,

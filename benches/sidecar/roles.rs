@@ -173,7 +173,7 @@ fn sample_body(tasks: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-/// `role loadgen --url URL --concurrency C --warmup-ms W --duration-ms D`.
+/// `role loadgen --url URL --concurrency C --warmup-ms W --duration-ms D [--client app|reqwest]`.
 pub fn loadgen(args: &[String]) -> anyhow::Result<()> {
     let f = flags(args);
     let url: String = f
@@ -189,20 +189,31 @@ pub fn loadgen(args: &[String]) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let out = rt.block_on(async move {
-        // Same client settings as txn_sidecar::delivery::Deliverer.
-        let client = reqwest::Client::builder()
+        // reqwest with the settings the sidecar used up to change 6, or the sidecar's own
+        // client (`txn_sidecar::delivery::AppClient`); the driver takes the faster as the
+        // sink's maximum.
+        let reqwest_client = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
+        let app_client =
+            txn_sidecar::delivery::AppClient::new(&url.parse()?, Duration::from_secs(5))?;
+        let use_app = match f.get("client").map(String::as_str) {
+            None | Some("app") => true,
+            Some("reqwest") => false,
+            Some(other) => anyhow::bail!("--client {other}: app or reqwest"),
+        };
+        let body = bytes::Bytes::from(body);
         let count = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for w in 0..conc {
-            let (client, url, body, count, errors, stop) = (
-                client.clone(),
+            let (client, app, url, body, count, errors, stop) = (
+                reqwest_client.clone(),
+                app_client.clone(),
                 url.clone(),
                 body.clone(),
                 count.clone(),
@@ -210,26 +221,39 @@ pub fn loadgen(args: &[String]) -> anyhow::Result<()> {
                 stop.clone(),
             );
             tasks.push(tokio::spawn(async move {
+                use http::header::{HeaderMap, HeaderValue};
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let r = client
-                        .post(&url)
-                        .timeout(Duration::from_secs(30))
-                        .header("content-type", "application/json")
-                        .header("idempotency-key", format!("deliver/{w}/{n}"))
-                        .header("x-txn-id", "tx-bench-00000001")
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                            count.fetch_add(1, Ordering::Relaxed);
+                    let key = format!("deliver/{w}/{n}");
+                    let ok = if use_app {
+                        let mut h = HeaderMap::with_capacity(6);
+                        h.insert("content-type", HeaderValue::from_static("application/json"));
+                        if let Ok(v) = HeaderValue::from_str(&key) {
+                            h.insert("idempotency-key", v);
                         }
-                        _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
+                        h.insert("x-txn-id", HeaderValue::from_static("tx-bench-00000001"));
+                        let r = app.post(&h, body.clone(), Duration::from_secs(30)).await;
+                        matches!(r, Ok(r) if (200..300).contains(&r.status))
+                    } else {
+                        let r = client
+                            .post(&url)
+                            .timeout(Duration::from_secs(30))
+                            .header("content-type", "application/json")
+                            .header("idempotency-key", key)
+                            .header("x-txn-id", "tx-bench-00000001")
+                            .body(body.clone())
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                            _ => false,
                         }
+                    };
+                    if ok {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }));
