@@ -295,17 +295,14 @@ impl Ctx {
         // figures of such a run are not comparable: perf costs CPU).
         if let Some(dir) = std::env::var_os("BENCH_PERF") {
             let out = PathBuf::from(dir).join(format!("{name}.perf.data"));
+            // BENCH_PERF_ARGS replaces the sampling options, e.g. for off-CPU time:
+            // "-e sched:sched_switch --call-graph dwarf,16384".
+            let opts = std::env::var("BENCH_PERF_ARGS")
+                .unwrap_or_else(|_| "-F 499 --call-graph dwarf,16384".into());
             let child = Command::new("perf")
-                .args([
-                    "record",
-                    "-F",
-                    "499",
-                    "--call-graph",
-                    "dwarf,16384",
-                    "-p",
-                    &s.proc.pid().to_string(),
-                    "-o",
-                ])
+                .arg("record")
+                .args(opts.split_whitespace())
+                .args(["-p", &s.proc.pid().to_string(), "-o"])
                 .arg(&out)
                 .stdout(Stdio::null())
                 .stderr(self.log_file(&format!("{name}.perf"))?)
@@ -837,15 +834,25 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
         let pid = s.proc.pid();
         let deadline = Instant::now() + Duration::from_secs(180);
         let mut first: Option<(f64, f64)> = None;
-        let end_cpu = loop {
+        let started = Instant::now();
+        let (mut t_first, mut t_consumed) = (None, None);
+        let mut threads0 = Default::default();
+        let mut system0 = f64::NAN;
+        let (end_cpu, end_text) = loop {
             let text = s.scrape();
             let c = proc_cpu_secs(pid);
             let k = metric(&text, TASKS).unwrap_or(0.0);
             if first.is_none() && k > 0.0 {
                 first = Some((k, c));
+                t_first = Some(started.elapsed());
+                threads0 = thread_cpu_secs(pid);
+                system0 = system_busy_secs();
+            }
+            if t_consumed.is_none() && k >= txns * 10.0 {
+                t_consumed = Some(started.elapsed());
             }
             if metric(&text, DELIVERED).unwrap_or(0.0) >= txns {
-                break c;
+                break (c, text);
             }
             if Instant::now() > deadline {
                 bail!("sidecar delivered too few within 180 s");
@@ -853,6 +860,17 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
             std::thread::sleep(Duration::from_millis(20));
         };
         let (k0, c0) = first.unwrap();
+        // Busy cores of the whole machine (sidecar, sink, broker, driver) over the run.
+        let system_busy_cores = (system_busy_secs() - system0)
+            / (started.elapsed() - t_first.unwrap_or_default()).as_secs_f64();
+        // CPU seconds per thread name over the run: which thread paces it.
+        let threads: serde_json::Map<String, Value> = thread_cpu_secs(pid)
+            .into_iter()
+            .map(|(name, secs)| {
+                let before = threads0.get(&name).copied().unwrap_or(0.0);
+                (name, json!(((secs - before) * 1000.0).round() / 1000.0))
+            })
+            .collect();
         let mut times: Vec<u64> = ctx
             .sink_events(0)
             .into_iter()
@@ -862,9 +880,26 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
         times.sort_unstable();
         let span =
             (times.last().copied().unwrap_or(0) - times.first().copied().unwrap_or(0)) as f64 / 1e6;
+        // Where a delivery's time goes: the HTTP exchange itself (the sidecar's
+        // `delivery_duration_seconds`, mean) against the interval between deliveries on
+        // one partition; and how long consuming took next to delivering.
+        let hist_mean = |name: &str| {
+            metric(&end_text, &format!("{name}_sum")).unwrap_or(f64::NAN)
+                / metric(&end_text, &format!("{name}_count")).unwrap_or(f64::NAN)
+        };
+        let consume_s = match (t_first, t_consumed) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => f64::NAN,
+        };
         Ok(json!({
             "rate": (times.len() as f64 - 1.0) / span,
             "received": times.len(),
+            "delivery_mean_us": hist_mean("txn_sidecar_delivery_duration_seconds") * 1e6,
+            "interval_per_partition_us": span / (times.len() as f64 - 1.0) * parts as f64 * 1e6,
+            "consume_s": consume_s,
+            "deliver_s": span,
+            "thread_cpu_s": threads,
+            "system_busy_cores": system_busy_cores,
             "cpu_per_task_us": (end_cpu - c0) / (txns * 10.0 - k0) * 1e6,
             "cpu_per_txn_us": (end_cpu - c0) / txns * 1e6,
         }))
@@ -876,6 +911,16 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
         let s = run_sidecar()?;
         (run_loadgen()?, s)
     };
+    // How fast the same data can be consumed at all: a bare consumer that reads each
+    // record's headers, on the same topic from the same broker.
+    let bare = {
+        let name = format!("bare-deliver-{r}");
+        let mut b = ctx.role(
+            &name,
+            &bare_args(ctx, "deliver", &name, "count-headers", txns as u64 * 11, TEST_GROUP),
+        )?;
+        role_result(&mut b, Duration::from_secs(120))?
+    };
     Ok(json!({
         "transactions": txns, "concurrency": parts,
         "sink_max_rate": l["rate"], "loadgen_cpu_per_request_us": l["cpu_per_request_us"], "body_bytes": l["body_bytes"],
@@ -883,6 +928,10 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
         "loadgen_cpu_us_app_client": l["cpu_per_request_us_app_client"], "loadgen_cpu_us_reqwest": l["cpu_per_request_us_reqwest"],
         "sidecar_rate": s["rate"], "sidecar_received": s["received"],
         "sidecar_cpu_per_task_us": s["cpu_per_task_us"], "sidecar_cpu_per_txn_us": s["cpu_per_txn_us"],
+        "sidecar_delivery_mean_us": s["delivery_mean_us"], "sidecar_interval_per_partition_us": s["interval_per_partition_us"],
+        "sidecar_consume_s": s["consume_s"], "sidecar_deliver_s": s["deliver_s"],
+        "sidecar_thread_cpu_s": s["thread_cpu_s"], "system_busy_cores": s["system_busy_cores"],
+        "bare_headers_rate_records": bare["rate"], "bare_headers_rate_txns": bare["rate"].as_f64().unwrap_or(f64::NAN) / 11.0,
         "ratio": s["rate"].as_f64().unwrap_or(f64::NAN) / l["rate"].as_f64().unwrap_or(f64::NAN),
     }))
 }

@@ -33,6 +33,48 @@ pub fn proc_cpu_secs(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// Busy CPU seconds of the whole machine (all cores, everything but idle and iowait),
+/// from the first line of `/proc/stat`.
+pub fn system_busy_secs() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return f64::NAN;
+    };
+    let Some(line) = s.lines().next() else {
+        return f64::NAN;
+    };
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = f.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    busy / clock_ticks()
+}
+
+/// CPU seconds (user + system) per thread name of process `pid` (threads with the same
+/// name summed), from `/proc/<pid>/task/*/stat`.
+pub fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (s.find('('), s.rfind(')')) else {
+            continue;
+        };
+        let name = s[a + 1..b].to_string();
+        let f: Vec<&str> = s[b + 2..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += ticks / clock_ticks();
+    }
+    out
+}
+
 fn clock_ticks() -> f64 {
     // USER_HZ is 100 on every Linux this runs on; `getconf CLK_TCK` confirms it.
     100.0
