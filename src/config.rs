@@ -127,7 +127,8 @@ pub struct Limits {
     pub max_txn_bytes: u64,
     /// Budget of staged bytes across all partitions; above it the fullest partitions pause.
     pub max_staged_bytes: u64,
-    /// Committed transactions queued for delivery per partition before it pauses.
+    /// Committed transactions queued for delivery per partition before it pauses; it
+    /// resumes once half of them are delivered.
     pub max_queued_per_partition: usize,
 }
 

@@ -190,6 +190,16 @@ impl Engine {
         self.parts.get_mut(topic)?.get_mut(&partition)
     }
 
+    /// How long the poll loop may block: short while a partition is paused, so it
+    /// resumes as soon as its queue has drained rather than up to a poll later.
+    fn poll_timeout(&self) -> Duration {
+        if self.all_parts().any(|p| p.paused) {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(50)
+        }
+    }
+
     fn all_parts(&self) -> impl Iterator<Item = &Part> {
         self.parts.values().flat_map(|m| m.values())
     }
@@ -741,7 +751,9 @@ impl Engine {
             let is_head = head
                 .as_ref()
                 .is_some_and(|(t, n)| *t == p.topic && *n == p.partition);
-            let want = shutting_down || p.queued >= max_queued || (over && !is_head);
+            let want = shutting_down
+                || queue_full(p.paused, p.queued, max_queued)
+                || (over && !is_head);
             if want != p.paused {
                 let list = if want { &mut pause } else { &mut resume };
                 list.add_partition(&p.topic, p.partition);
@@ -755,6 +767,9 @@ impl Engine {
                 if let Some(p) = self.part_mut(&t, n) {
                     p.paused = want;
                     debug!(topic = %t, partition = n, paused = want, queued = p.queued, "back-pressure");
+                }
+                if want {
+                    self.metrics.partition_pauses.inc();
                 }
             }
         }
@@ -1105,6 +1120,20 @@ fn send(p: &mut Part, work: Work) {
     }
 }
 
+/// Whether a partition's delivery queue holds it paused: from `max` queued transactions
+/// until half of them are delivered.
+///
+/// librdkafka drops what it had prefetched for a paused partition and fetches it again
+/// on resume, behind the fetch in flight. Resuming one delivery below the limit paused
+/// and refetched after almost every delivery of a backlog (BENCHMARKS.md, change 7).
+fn queue_full(paused: bool, queued: usize, max: usize) -> bool {
+    if paused {
+        queued > max / 2
+    } else {
+        queued >= max
+    }
+}
+
 /// Delivers one partition's committed transactions in marker order, one in flight.
 struct Worker {
     topic: Arc<str>,
@@ -1391,8 +1420,9 @@ pub fn consume(
     let mut result = Ok(());
     let mut last_error: Option<Instant> = None;
     let mut burst = 0u32;
+    let mut timeout = Duration::from_millis(50);
     while !shutdown.is_cancelled() {
-        match consumer.poll(Duration::from_millis(50)) {
+        match consumer.poll(timeout) {
             Some(Ok(msg)) => {
                 let rec = kafka::to_record(&msg);
                 lock(&engine).on_record(msg.topic(), msg.partition(), rec);
@@ -1416,7 +1446,9 @@ pub fn consume(
             None => {}
         }
         burst = 0;
-        lock(&engine).tick(&consumer);
+        let mut e = lock(&engine);
+        e.tick(&consumer);
+        timeout = e.poll_timeout();
     }
     let drain_started = Instant::now();
     let mut retry = lock(&engine).drain(&consumer);
@@ -1448,4 +1480,24 @@ pub fn consume(
         warn!(deadline_ms = CLOSE_DEADLINE.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_full;
+
+    #[test]
+    fn a_full_queue_pauses_its_partition_until_half_is_delivered() {
+        let max = 10;
+        assert!(!queue_full(false, 9, max));
+        assert!(queue_full(false, 10, max));
+        // Paused: stays so until the queue is down to half, not one below the limit.
+        for queued in [10, 9, 6] {
+            assert!(queue_full(true, queued, max), "{queued}");
+        }
+        assert!(!queue_full(true, 5, max));
+        // A limit of one still resumes once the queue is empty.
+        assert!(queue_full(false, 1, 1));
+        assert!(!queue_full(true, 0, 1));
+    }
 }

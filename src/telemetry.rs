@@ -128,6 +128,8 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     /// Paused partitions.
     pub paused_partitions: Gauge,
+    /// Times back-pressure paused a partition; each resume costs librdkafka a refetch.
+    pub partition_pauses: Counter,
     /// Consumer lag per partition from librdkafka statistics.
     pub consumer_lag: Family<PartitionLabel, Gauge>,
     /// Records a crash would replay per partition (consumed − committed).
@@ -169,6 +171,7 @@ impl Metrics {
             rebalances: Family::default(),
             assigned_partitions: Gauge::default(),
             paused_partitions: Gauge::default(),
+            partition_pauses: Counter::default(),
             consumer_lag: Family::default(),
             commit_lag: Family::default(),
             offset_commits: Family::default(),
@@ -240,6 +243,11 @@ impl Metrics {
             "paused_partitions",
             "Assigned partitions currently paused for back-pressure",
             m.paused_partitions.clone(),
+        );
+        registry.register(
+            "partition_pauses",
+            "Times back-pressure paused a partition (delivery queue full, staged-bytes budget or shutdown)",
+            m.partition_pauses.clone(),
         );
         registry.register(
             "consumer_lag_records",

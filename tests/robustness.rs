@@ -448,6 +448,47 @@ async fn an_app_slower_than_max_poll_interval_causes_no_rebalance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_queue_is_delivered_once_in_order_through_pauses() {
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    app.set_default(Some(Answer {
+        status: 200,
+        delay: Duration::from_millis(10),
+        retry_after: None,
+    }));
+    // The backlog is in the log before the sidecar starts, as after a restart.
+    let n = 80;
+    for i in 0..n {
+        kafka.task(T, 0, &format!("b-{i}"), "1");
+        kafka.commit(T, 0, &format!("b-{i}"));
+    }
+    kafka.flush();
+    let cfg = config(
+        &kafka.brokers,
+        T,
+        &app.url(),
+        &[("limits.max_queued_per_partition", "10")],
+    );
+    let s = txn_sidecar::start(cfg).await.unwrap();
+    app.wait_accepted(n, WAIT).await;
+    assert_eq!(
+        app.accepted_ids(),
+        (0..n).map(|i| format!("b-{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(app.attempts().len(), n, "no redelivery");
+    let m = metrics_of(&s).await;
+    let pauses = metric(&m, "txn_sidecar_partition_pauses_total").unwrap();
+    // Paused at least once, and each pause lasts until 5 of the 10 are delivered (the
+    // rule itself is unit-tested in `pipeline`).
+    assert!(
+        (1.0..=(n / 5) as f64 + 1.0).contains(&pauses),
+        "{pauses} pauses for {n} transactions"
+    );
+    s.shutdown();
+    s.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_survived_without_loss() {
     let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
     let app = RecordingApp::start().await;
