@@ -14,7 +14,7 @@
 //! | [`offsets`] | safe offsets and the skip set carried in offset-commit metadata |
 //! | [`pipeline`] | the consumer thread, per-partition delivery workers, rebalances, back-pressure, expiry |
 //! | [`kafka`] | librdkafka client configs and record conversion |
-//! | [`delivery`] | the HTTP-side wire contract, retries and backoff |
+//! | [`delivery`] | the HTTP-side wire contract, retries and backoff; the app's HTTP/1.1 client |
 //! | [`dlq`] | the dead-letter topic writer |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/v1/*` |
 //! | [`telemetry`] | Prometheus metrics and `tracing` setup |
