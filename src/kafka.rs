@@ -7,6 +7,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::TopicPartitionList;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::protocol::{HeaderRef, Record};
@@ -175,6 +177,21 @@ fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<HeaderRef<'a>> {
 pub fn safe_metadata(elem: &rdkafka::topic_partition_list::TopicPartitionListElem<'_>) -> String {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_string()))
         .unwrap_or_default()
+}
+
+/// Makes librdkafka fetch just-resumed partitions now rather than up to a second later.
+///
+/// Resuming does not wake the broker thread. When every partition a broker leads was
+/// paused, that thread sleeps up to a second (librdkafka's `rd_kafka_max_block_ms`)
+/// before it sees the resume: the benchmark showed 0.65 s with nothing delivered after
+/// each back-pressure cycle (BENCHMARKS.md, change 8). Any request to the broker wakes
+/// it. A watermark query with a zero timeout enqueues one and returns at once;
+/// librdkafka drops the late answer by design.
+pub fn wake_fetchers<C: ConsumerContext>(consumer: &BaseConsumer<C>, resumed: &TopicPartitionList) {
+    use rdkafka::consumer::Consumer;
+    for e in resumed.elements() {
+        let _ = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::ZERO);
+    }
 }
 
 /// Partition assignment protocol of a consumer, for logs.

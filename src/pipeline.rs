@@ -751,9 +751,8 @@ impl Engine {
             let is_head = head
                 .as_ref()
                 .is_some_and(|(t, n)| *t == p.topic && *n == p.partition);
-            let want = shutting_down
-                || queue_full(p.paused, p.queued, max_queued)
-                || (over && !is_head);
+            let want =
+                shutting_down || queue_full(p.paused, p.queued, max_queued) || (over && !is_head);
             if want != p.paused {
                 let list = if want { &mut pause } else { &mut resume };
                 list.add_partition(&p.topic, p.partition);
@@ -762,6 +761,9 @@ impl Engine {
         }
         let ok_pause = pause.count() == 0 || consumer.pause(&pause).is_ok();
         let ok_resume = resume.count() == 0 || consumer.resume(&resume).is_ok();
+        if ok_resume && resume.count() > 0 {
+            kafka::wake_fetchers(consumer, &resume);
+        }
         for (t, n, want) in changed {
             if (want && ok_pause) || (!want && ok_resume) {
                 if let Some(p) = self.part_mut(&t, n) {

@@ -849,7 +849,8 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
                 threads0 = thread_cpu_secs(pid);
                 system0 = system_busy_secs();
             }
-            max_paused = max_paused.max(metric(&text, "txn_sidecar_paused_partitions").unwrap_or(0.0));
+            max_paused =
+                max_paused.max(metric(&text, "txn_sidecar_paused_partitions").unwrap_or(0.0));
             if t_consumed.is_none() && k >= txns * 10.0 {
                 t_consumed = Some(started.elapsed());
             }
@@ -929,7 +930,14 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
         let name = format!("bare-deliver-{r}");
         let mut b = ctx.role(
             &name,
-            &bare_args(ctx, "deliver", &name, "count-headers", txns as u64 * 11, TEST_GROUP),
+            &bare_args(
+                ctx,
+                "deliver",
+                &name,
+                "count-headers",
+                txns as u64 * 11,
+                TEST_GROUP,
+            ),
         )?;
         role_result(&mut b, Duration::from_secs(120))?
     };
