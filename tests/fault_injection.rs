@@ -13,6 +13,7 @@
 //! `TXN_SIDECAR_FAULT_SEED=<n>` changes the seed. `scripts/fault-suite.sh [--long]` runs
 //! either and prints the report. See RELIABILITY.md for what the figures mean.
 
+mod common;
 mod fault;
 
 use std::time::Duration;

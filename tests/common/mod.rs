@@ -20,6 +20,15 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use txn_sidecar::config::{Config, Sources};
 use txn_sidecar::embedded::{EmbeddedKafka, FAST_GROUP_PROPERTIES};
 
+/// A loopback port that was free a moment ago, for a process that binds it itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; panics with `what` then.
 pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
