@@ -791,6 +791,8 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Reply {
         Answer(&'static str),
+        /// Answer, then close the connection.
+        AnswerAndClose(&'static str),
         Close,
         Hang,
     }
@@ -856,6 +858,10 @@ mod tests {
                                 if sock.write_all(a.as_bytes()).await.is_err() {
                                     return;
                                 }
+                            }
+                            Reply::AnswerAndClose(a) => {
+                                let _ = sock.write_all(a.as_bytes()).await;
+                                return;
                             }
                             Reply::Close => return,
                             Reply::Hang => std::future::pending::<()>().await,
@@ -927,6 +933,25 @@ mod tests {
         assert!(matches!(e, DeliveryError::Transport(_)), "{e:?}");
         assert!(e.is_retryable());
         assert_eq!(accepted(&app), 2);
+    }
+
+    #[tokio::test]
+    async fn apps_that_close_after_each_answer_get_a_new_connection_per_request() {
+        // `Connection: close`, and a body delimited by the close itself (no length).
+        for answer in [
+            Reply::Answer("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"),
+            Reply::AnswerAndClose("HTTP/1.1 200 OK\r\n\r\nok"),
+        ] {
+            static SCRIPT: Mutex<Option<Reply>> = Mutex::new(None);
+            *SCRIPT.lock().unwrap() = Some(answer);
+            let app = raw_app(|_, _| SCRIPT.lock().unwrap().unwrap()).await;
+            let c = AppClient::new(&app.url, Duration::from_secs(1)).unwrap();
+            for _ in 0..3 {
+                assert_eq!(post(&c, 5000).await.unwrap().status, 200);
+            }
+            assert_eq!(accepted(&app), 3);
+            assert_eq!(app.heads.lock().unwrap().len(), 3);
+        }
     }
 
     #[tokio::test]
