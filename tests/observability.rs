@@ -156,6 +156,7 @@ async fn a_scenario_yields_exact_counters_in_a_well_formed_exposition() {
         "txn_sidecar_transaction_open_seconds",
         "txn_sidecar_rebalances",
         "txn_sidecar_paused_partitions",
+        "txn_sidecar_partition_pauses",
         "txn_sidecar_staged_bytes",
         "txn_sidecar_commit_lag_records",
         "txn_sidecar_offset_commits",
