@@ -341,12 +341,11 @@ impl Driver {
 
 /// A request that failed, and whether it may go again at once on a new connection.
 enum Failure {
-    /// Not written.
-    Unsent(DeliveryError),
-    /// Written, and the app closed the connection without a byte of answer: on a
-    /// kept-alive connection, what an app's idle timeout firing as the request arrived
-    /// looks like. Resending is safe: the request carries its `Idempotency-Key`.
-    Unanswered(DeliveryError),
+    /// Not written, or written and the app closed the connection without a byte of
+    /// answer: on a kept-alive connection, what an app's idle timeout firing as the
+    /// request arrived looks like. Resending is safe: the request carries its
+    /// `Idempotency-Key`.
+    Resendable(DeliveryError),
     /// Anything else: the retry policy decides.
     Sent(DeliveryError),
 }
@@ -425,13 +424,11 @@ impl AppClient {
                 }
                 // The app closed a kept-alive connection as we picked it: a fresh
                 // connection gets the request without a retry delay, once.
-                Err(Failure::Unsent(_) | Failure::Unanswered(_)) if reused => {
+                Err(Failure::Resendable(_)) if reused => {
                     reused = false;
                     conn = self.connect().await?;
                 }
-                Err(Failure::Unsent(e) | Failure::Unanswered(e) | Failure::Sent(e)) => {
-                    return Err(e)
-                }
+                Err(Failure::Resendable(e) | Failure::Sent(e)) => return Err(e),
             }
         }
     }
@@ -444,19 +441,19 @@ impl AppClient {
             DeliveryError::Transport(driver.error.clone().unwrap_or_else(|| root_cause(e)))
         };
         if let Err(e) = conn.driver.drive(conn.sender.ready()).await {
-            return Err(Failure::Unsent(transport(&conn.driver, &e)));
+            return Err(Failure::Resendable(transport(&conn.driver, &e)));
         }
         let resp = match conn.driver.drive(conn.sender.try_send_request(req)).await {
             Ok(resp) => resp,
             Err(e) => {
                 let err = transport(&conn.driver, e.error());
-                return Err(if e.message().is_some() {
-                    Failure::Unsent(err)
-                } else if e.error().is_incomplete_message() {
-                    Failure::Unanswered(err)
-                } else {
-                    Failure::Sent(err)
-                });
+                return Err(
+                    if e.message().is_some() || e.error().is_incomplete_message() {
+                        Failure::Resendable(err)
+                    } else {
+                        Failure::Sent(err)
+                    },
+                );
             }
         };
         let status = resp.status().as_u16();
