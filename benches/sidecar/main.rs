@@ -51,6 +51,8 @@ struct Opts {
     /// Latency: seconds of paced load, and its partitions.
     latency_secs: f64,
     latency_parts: i32,
+    /// Latency: the producer's `linger.ms`.
+    latency_linger_ms: usize,
     /// Load of the latency run when the delivery benchmark did not run (txn/s, = 2× half).
     latency_default_rate: u32,
     /// Memory: partitions × open task records per partition.
@@ -115,6 +117,7 @@ fn opts(args: &[String]) -> Result<Opts> {
         deliver_per_part: get("deliver-txns", if quick { 1_000 } else { 2_500 }),
         latency_secs: get("latency-secs", if quick { 3 } else { 6 }) as f64,
         latency_parts: 4,
+        latency_linger_ms: get("latency-linger-ms", 0),
         latency_default_rate: get("latency-max-rate", 8000) as u32,
         mem_parts: 8,
         mem_per_part: get("mem-records", 25_000),
@@ -573,11 +576,12 @@ fn driver(args: &[String]) -> Result<()> {
             if deliver_rate.is_nan() {
                 deliver_rate = f64::from(ctx.o.latency_default_rate);
             }
-            let v = latency(&ctx, r, "lat", deliver_rate / 2.0)?;
+            let v = latency(&ctx, r, "lat", deliver_rate / 2.0, false)?;
             eprintln!("bench: rep {r} latency {}", summary(&v));
             rep.insert("latency".into(), v);
-            // The same at a fixed light load, to show how the tail depends on CPU contention.
-            let v = latency(&ctx, r, "latlow", 1000.0)?;
+            // The same at a fixed light load, to show how the tail depends on CPU contention;
+            // with a second bare consumer as the control for the measurement's own noise.
+            let v = latency(&ctx, r, "latlow", 1000.0, true)?;
             eprintln!("bench: rep {r} latency (1000 txn/s) {}", summary(&v));
             rep.insert("latency_low".into(), v);
         }
@@ -959,7 +963,9 @@ fn delivery(ctx: &Ctx, r: usize) -> Result<Value> {
 // ---------------------------------------------------------------------------------------
 // 3. added latency at half of the sidecar's max delivery rate (+ CPU per record there)
 
-fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
+/// `control`: also run a second bare consumer and pair it with the first, which gives the
+/// "added" figure of a consumer that adds nothing: the measurement's own noise floor.
+fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Result<Value> {
     let topic = format!("{prefix}-{r}");
     let parts = ctx.o.latency_parts;
     let k = (rate * ctx.o.latency_secs).round() as u64;
@@ -975,13 +981,29 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
         &bare_args(ctx, &topic, &format!("bare-{topic}"), "latency", k, &props),
     )?;
     let rx = role_assigned(&mut bare, Duration::from_secs(60))?;
+    let mut ctl = None;
+    if control {
+        let mut c = ctx.role(
+            &format!("control-{topic}"),
+            &bare_args(
+                ctx,
+                &topic,
+                &format!("control-{topic}"),
+                "latency",
+                k,
+                &props,
+            ),
+        )?;
+        let crx = role_assigned(&mut c, Duration::from_secs(60))?;
+        ctl = Some((c, crx));
+    }
     s.wait_metric(ASSIGNED, Duration::from_secs(60), |v| v >= parts as f64)?;
     std::thread::sleep(Duration::from_millis(500));
     let c0 = proc_cpu_secs(s.proc.pid());
 
     // The idempotent producer gets its producer id on first use; without this warm-up the
     // first few hundred ms of transactions would be held back and arrive as one burst.
-    let p = Producer::new(&ctx.brokers, "0")?;
+    let p = Producer::new(&ctx.brokers, &ctx.o.latency_linger_ms.to_string())?;
     p.send("warmup", 0, "warmup", "task", Some(b"{}"));
     p.flush()?;
     let t_start = now_us();
@@ -1012,6 +1034,15 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| anyhow!("bare latency consumer gave no result"))?;
     let b: Value = serde_json::from_str(&line)?;
+    let control_samples: Option<Value> = match &ctl {
+        Some((_, crx)) => {
+            let line = crx
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| anyhow!("control latency consumer gave no result"))?;
+            Some(serde_json::from_str::<Value>(&line)?["samples"].clone())
+        }
+        None => None,
+    };
 
     let mut side: Vec<f64> = ctx
         .sink_events(t_start)
@@ -1064,6 +1095,19 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
         })
         .collect();
     paired.sort_by(f64::total_cmp);
+    // The control: second bare consumer minus the first, per transaction, same window.
+    let mut control_paired: Vec<f64> = control_samples
+        .as_ref()
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| Some((x[0].as_i64()?, x[1].as_i64()?)))
+                .filter(|x| x.0 as u64 >= warm_until)
+                .filter_map(|(t, l)| bare_by_t.get(&t).map(|bl| (l - bl) as f64 / 1000.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    control_paired.sort_by(f64::total_cmp);
     side.sort_by(f64::total_cmp);
     base.sort_by(f64::total_cmp);
     let h = buckets(&text, "txn_sidecar_commit_to_delivery_seconds");
@@ -1074,6 +1118,8 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64) -> Result<Value> {
         "bare_e2e_p50_ms": q(&base, 0.5), "bare_e2e_p99_ms": q(&base, 0.99), "bare_e2e_max_ms": q(&base, 1.0),
         "added_p50_ms": q(&paired, 0.5), "added_p99_ms": q(&paired, 0.99), "added_max_ms": q(&paired, 1.0),
         "paired_samples": paired.len(),
+        "control_p50_ms": q(&control_paired, 0.5), "control_p99_ms": q(&control_paired, 0.99), "control_max_ms": q(&control_paired, 1.0),
+        "control_samples": control_paired.len(),
         "hist_p50_ms": bucket_quantile(&h, 0.5) * 1e3, "hist_p99_ms": bucket_quantile(&h, 0.99) * 1e3,
         "hist_le_1ms": bucket_fraction(&h, 0.001), "hist_le_2_5ms": bucket_fraction(&h, 0.0025),
         "sidecar_cpu_per_task_us": (c1 - c0) / (k as f64 * 10.0) * 1e6,
@@ -1420,6 +1466,13 @@ fn table(reps: &[Value], o: &Opts) -> String {
             fmt(&c("bare_e2e_p50_ms"), 1.0, 2), fmt(&c("bare_e2e_p99_ms"), 1.0, 2), fmt(&c("bare_e2e_max_ms"), 1.0, 1),
             judge(median(&added99), median(&added99) <= 2.0)
         ));
+        let ctl99 = c("control_p99_ms");
+        if ctl99.iter().any(|v| !v.is_nan()) {
+            t.push_str(&format!(
+                "| ↳ control: a second bare consumer minus the first, same transactions (what the method measures for a consumer that adds nothing), p50 / p99 / max | {} / {} / {} | | | | |\n",
+                fmt(&c("control_p50_ms"), 1.0, 2), fmt(&ctl99, 1.0, 2), fmt(&c("control_max_ms"), 1.0, 1),
+            ));
+        }
         t.push_str(&format!(
             "| ↳ sidecar's own histogram `commit_to_delivery_seconds` (commit consumed → app answered), p50 / p99 bucket-interpolated | {} / {} ms; ≤ 1 ms: {}%, ≤ 2.5 ms: {}% | | | | |\n",
             fmt(&c("hist_p50_ms"), 1.0, 2), fmt(&c("hist_p99_ms"), 1.0, 2),
