@@ -69,7 +69,7 @@ pub struct Snapshot {
     pub joined: bool,
     /// Assigned partitions.
     pub partitions: Vec<PartitionView>,
-    /// Open transactions (at most 1000).
+    /// Open transactions, the oldest 1000 at most, by partition and first offset.
     pub transactions: Vec<TxnView>,
 }
 

@@ -1,4 +1,4 @@
-//! librdkafka plumbing: client configs, and turning a consumed message into an owned [`Record`].
+//! librdkafka plumbing: client configs, and reading a consumed message as a record.
 //!
 //! Consumers read with `isolation.level=read_committed`, manual offset commits and
 //! cooperative-sticky assignment; any `kafka.*` property passes through on top.
@@ -11,7 +11,7 @@ use rdkafka::TopicPartitionList;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::protocol::{HeaderRef, Record};
+use crate::protocol::{self, HeaderRef, RecordRef};
 
 /// Properties every client gets: brokers, then the user's `kafka.*` table.
 pub fn base_config(cfg: &Config) -> ClientConfig {
@@ -116,10 +116,14 @@ fn is_producer_safe(key: &str) -> bool {
     !CONSUMER_ONLY.contains(&key)
 }
 
-/// Copies a consumed message into an owned record (one allocation).
-pub fn to_record(msg: &BorrowedMessage<'_>) -> Record {
+/// Encodes a consumed message into `buf` and returns a view of it.
+///
+/// `buf` is the consumer loop's scratch, reused for every record: staging copies the
+/// view into its transaction's buffer, so a task costs no allocation of its own.
+pub fn record_ref<'b>(msg: &BorrowedMessage<'_>, buf: &'b mut Vec<u8>) -> RecordRef<'b> {
     let headers = raw_headers(msg);
-    Record::new(
+    protocol::encode_into(
+        buf,
         msg.offset(),
         msg.timestamp().to_millis(),
         msg.key(),

@@ -8,11 +8,12 @@
 //! partition's worker (waiting up to `rebalance_grace`), commits its safe offset and
 //! drops its state; assign starts clean from the committed offset and its skip set.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hashbrown::HashMap;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
@@ -29,8 +30,8 @@ use crate::delivery::{Delivered, Deliverer, ReadyTxn};
 use crate::dlq::{DeadLetterWriter, DeadTxn};
 use crate::kafka;
 use crate::offsets::OffsetTracker;
-use crate::protocol::{self, Kind, Record};
-use crate::staging::{MemoryStore, StagingStore};
+use crate::protocol::{self, Kind, RecordRef};
+use crate::staging::{MemoryStore, OpenTxn, StagingStore};
 use crate::telemetry::{
     Metrics, Outcome, PartitionLabel, ReasonLabel, RebalanceLabel, RecordKind, ResultLabel,
 };
@@ -209,10 +210,15 @@ impl Engine {
     }
 
     /// Handles one consumed record.
-    fn on_record(&mut self, topic: &str, partition: i32, rec: Record) {
-        let cfg = self.cfg.clone();
-        let metrics = self.metrics.clone();
-        let Some(p) = self.part_mut(topic, partition) else {
+    fn on_record(&mut self, topic: &str, partition: i32, rec: RecordRef<'_>) {
+        // Borrow the fields apart rather than clone the `Arc`s: this runs for every record.
+        let Engine {
+            cfg,
+            metrics,
+            parts,
+            ..
+        } = self;
+        let Some(p) = parts.get_mut(topic).and_then(|m| m.get_mut(&partition)) else {
             debug!(
                 topic,
                 partition,
@@ -225,13 +231,13 @@ impl Engine {
         p.offsets.consumed(offset);
         let log_ms = rec.timestamp_ms.filter(|t| *t > 0).unwrap_or_else(now_ms);
         p.last_log_ms = p.last_log_ms.max(log_ms);
-        let decoded = protocol::decode(&rec, cfg.protocol, &cfg.headers);
+        let decoded = protocol::decode(rec, cfg.protocol, &cfg.headers);
 
         if p.offsets.is_finished(offset) {
             // Handled by an earlier owner: drop what it staged, never redo it.
             if let Ok(m) = &decoded {
                 if matches!(m.kind, Kind::Commit { .. } | Kind::Abort) {
-                    if let Some(t) = p.store.take(&m.id) {
+                    if let Some(t) = p.store.take(m.id) {
                         p.offsets.release(t.first_offset);
                     }
                     if matches!(m.kind, Kind::Commit { .. }) {
@@ -265,11 +271,11 @@ impl Engine {
         match marker.kind {
             Kind::Task => {
                 metrics.consumed(RecordKind::task);
-                if p.overflowed.contains_key(&marker.id) {
+                if p.overflowed.contains_key(marker.id) {
                     p.offsets.hold(offset);
                     let dead = single(
                         p,
-                        &marker.id,
+                        marker.id,
                         rec,
                         "too_large",
                         "a transaction limit was exceeded earlier",
@@ -277,13 +283,14 @@ impl Engine {
                     dead_letter(p, dead, offset, Some(offset), None);
                     return;
                 }
-                if p.store.get(&marker.id).is_none() {
+                let t = p.store.stage(marker.id, rec, log_ms);
+                let (tasks, bytes) = (t.tasks.len(), t.bytes);
+                if tasks == 1 {
+                    // This task opened the transaction: hold the commit point below it.
                     p.offsets.hold(offset);
                 }
-                let t = p.store.stage(&marker.id, rec, log_ms);
-                let (tasks, bytes) = (t.tasks.len(), t.bytes);
                 if tasks > cfg.limits.max_tasks_per_txn || bytes > cfg.limits.max_txn_bytes {
-                    let Some(t) = p.store.take(&marker.id) else {
+                    let Some(t) = p.store.take(marker.id) else {
                         return;
                     };
                     let error = format!(
@@ -291,12 +298,12 @@ impl Engine {
                         cfg.limits.max_tasks_per_txn, cfg.limits.max_txn_bytes
                     );
                     warn!(topic, partition, offset, txn_id = %marker.id, tasks, bytes, "transaction too large, dead-lettering it");
-                    p.overflowed.insert(marker.id.clone(), log_ms);
+                    p.overflowed.insert(marker.id.to_string(), log_ms);
                     let hold = t.first_offset;
                     let dead = DeadTxn {
                         topic: p.topic.clone(),
                         partition,
-                        id: Some(marker.id.clone()),
+                        id: Some(marker.id.to_string()),
                         records: t.tasks,
                         reason: "too_large",
                         error,
@@ -307,17 +314,17 @@ impl Engine {
             }
             Kind::Abort => {
                 metrics.consumed(RecordKind::abort);
-                if let Some(t) = p.store.take(&marker.id) {
+                if let Some(t) = p.store.take(marker.id) {
                     p.offsets.release(t.first_offset);
                     metrics.outcome(Outcome::aborted);
                     info!(topic, partition, offset, txn_id = %marker.id, tasks = t.tasks.len(), "aborted");
-                } else if p.overflowed.remove(&marker.id).is_some() {
+                } else if p.overflowed.remove(marker.id).is_some() {
                     // Its tasks went to the dead-letter topic; the abort follows them so a
                     // replay of that topic aborts too.
                     p.offsets.hold(offset);
                     let dead = single(
                         p,
-                        &marker.id,
+                        marker.id,
                         rec,
                         "too_large",
                         "abort of a transaction that exceeded a limit",
@@ -329,11 +336,11 @@ impl Engine {
             }
             Kind::Commit { count } => {
                 metrics.consumed(RecordKind::commit);
-                if p.overflowed.remove(&marker.id).is_some() {
+                if p.overflowed.remove(marker.id).is_some() {
                     p.offsets.hold(offset);
                     let dead = single(
                         p,
-                        &marker.id,
+                        marker.id,
                         rec,
                         "too_large",
                         "commit of a transaction that exceeded a limit",
@@ -341,8 +348,8 @@ impl Engine {
                     dead_letter(p, dead, offset, Some(offset), None);
                     return;
                 }
-                let Some(t) = p.store.take(&marker.id) else {
-                    let (reason, error) = if p.recent_commits.contains(&marker.id) {
+                let Some(t) = p.store.take(marker.id) else {
+                    let (reason, error) = if p.recent_commits.contains(marker.id) {
                         (
                             "duplicate_commit",
                             "a second commit for a transaction already committed",
@@ -352,11 +359,11 @@ impl Engine {
                     };
                     warn!(topic, partition, offset, txn_id = %marker.id, reason, "commit without tasks, dead-lettering it");
                     p.offsets.hold(offset);
-                    let dead = single(p, &marker.id, rec, reason, error);
+                    let dead = single(p, marker.id, rec, reason, error);
                     dead_letter(p, dead, offset, Some(offset), Some(Outcome::dead_lettered));
                     return;
                 };
-                p.recent_commits.insert(&marker.id);
+                p.recent_commits.insert(marker.id);
                 metrics
                     .transaction_open
                     .observe(((log_ms - t.opened_ms).max(0) as f64) / 1000.0);
@@ -369,11 +376,11 @@ impl Engine {
                         warn!(topic, partition, offset, txn_id = %marker.id, expected, staged = t.tasks.len(), "task count mismatch, dead-lettering");
                         let hold = t.first_offset;
                         let mut records = t.tasks;
-                        records.push(&rec);
+                        records.push(rec);
                         let dead = DeadTxn {
                             topic: p.topic.clone(),
                             partition,
-                            id: Some(marker.id),
+                            id: Some(marker.id.to_string()),
                             records,
                             reason: "count_mismatch",
                             error,
@@ -387,11 +394,11 @@ impl Engine {
                 let txn = ReadyTxn {
                     topic: p.topic.clone(),
                     partition,
-                    id: marker.id,
+                    id: marker.id.to_string(),
                     commit_offset: offset,
                     first_offset: t.first_offset,
                     tasks: t.tasks,
-                    marker: rec,
+                    marker: rec.to_record(),
                     committed_at: Instant::now(),
                 };
                 send(p, Work::Deliver(txn));
@@ -785,7 +792,9 @@ impl Engine {
     fn publish(&mut self) {
         let now = now_ms();
         let mut partitions = Vec::new();
-        let mut txns = Vec::new();
+        // Every open transaction as a borrowed candidate; views are built only for the
+        // oldest `MAX_TXN_VIEWS`, which are the ones an operator looks for.
+        let mut open: Vec<(&Part, &str, &OpenTxn)> = Vec::new();
         for p in self.all_parts() {
             let label = PartitionLabel {
                 topic: p.topic.to_string(),
@@ -807,21 +816,21 @@ impl Engine {
                 paused: p.paused,
                 consumer_lag: p.consumer_lag,
             });
-            for (id, t) in p.store.open() {
-                if txns.len() >= 1000 {
-                    break;
-                }
-                txns.push(TxnView {
-                    id: id.to_string(),
-                    topic: p.topic.to_string(),
-                    partition: p.partition,
-                    first_offset: t.first_offset,
-                    tasks: t.tasks.len(),
-                    bytes: t.bytes,
-                    age_seconds: ((now - t.opened_ms).max(0) as f64) / 1000.0,
-                });
-            }
+            open.extend(p.store.open().into_iter().map(|(id, t)| (p, id, t)));
         }
+        keep_smallest(&mut open, MAX_TXN_VIEWS, |(_, _, t)| t.opened_ms);
+        let mut txns: Vec<TxnView> = open
+            .into_iter()
+            .map(|(p, id, t)| TxnView {
+                id: id.to_string(),
+                topic: p.topic.to_string(),
+                partition: p.partition,
+                first_offset: t.first_offset,
+                tasks: t.tasks.len(),
+                bytes: t.bytes,
+                age_seconds: ((now - t.opened_ms).max(0) as f64) / 1000.0,
+            })
+            .collect();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         txns.sort_by(|a, b| {
             (&a.topic, a.partition, a.first_offset).cmp(&(&b.topic, b.partition, b.first_offset))
@@ -1077,7 +1086,7 @@ fn add_offset(
     Ok(())
 }
 
-fn single(p: &Part, id: &str, rec: Record, reason: &'static str, error: &str) -> DeadTxn {
+fn single(p: &Part, id: &str, rec: RecordRef<'_>, reason: &'static str, error: &str) -> DeadTxn {
     DeadTxn {
         topic: p.topic.clone(),
         partition: p.partition,
@@ -1119,6 +1128,15 @@ fn send(p: &mut Part, work: Work) {
         Work::DeadLetter(d) => {
             let _ = p.dlq_tx.send(d);
         }
+    }
+}
+
+/// Keeps the `n` entries of `v` with the smallest `key`, in no particular order, in
+/// linear time (a sort of every open transaction ten times a second would not be).
+fn keep_smallest<T>(v: &mut Vec<T>, n: usize, key: impl FnMut(&T) -> i64) {
+    if v.len() > n {
+        v.select_nth_unstable_by_key(n, key);
+        v.truncate(n);
     }
 }
 
@@ -1402,6 +1420,10 @@ pub enum PipelineError {
 /// it. Re-sending is idempotent and costs one small request per interval.
 pub const COMMIT_REFRESH: Duration = Duration::from_secs(5);
 
+/// Open transactions the admin snapshot lists: the oldest, since a stuck transaction is
+/// what an operator looks for.
+const MAX_TXN_VIEWS: usize = 1000;
+
 /// How long closing the consumer (leaving the group) may take at shutdown.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -1423,10 +1445,12 @@ pub fn consume(
     let mut last_error: Option<Instant> = None;
     let mut burst = 0u32;
     let mut timeout = Duration::from_millis(50);
+    // Every record is encoded here first; staging copies it on (see `kafka::record_ref`).
+    let mut scratch = Vec::new();
     while !shutdown.is_cancelled() {
         match consumer.poll(timeout) {
             Some(Ok(msg)) => {
-                let rec = kafka::to_record(&msg);
+                let rec = kafka::record_ref(&msg, &mut scratch);
                 lock(&engine).on_record(msg.topic(), msg.partition(), rec);
                 burst += 1;
                 // Under load, periodic work runs every few dozen records, not per record.
@@ -1486,7 +1510,19 @@ pub fn consume(
 
 #[cfg(test)]
 mod tests {
-    use super::queue_full;
+    use super::{keep_smallest, queue_full};
+
+    #[test]
+    fn the_admin_snapshot_keeps_the_oldest_open_transactions() {
+        // Opening times in a scrambled order, as a hash map hands them out.
+        let mut v: Vec<i64> = (0..1500).map(|i| (i * 7919) % 1500).collect();
+        keep_smallest(&mut v, 1000, |t| *t);
+        v.sort_unstable();
+        assert_eq!(v, (0..1000).collect::<Vec<i64>>());
+        let mut few = vec![3, 1, 2];
+        keep_smallest(&mut few, 1000, |t| *t);
+        assert_eq!(few, vec![3, 1, 2]);
+    }
 
     #[test]
     fn a_full_queue_pauses_its_partition_until_half_is_delivered() {

@@ -68,28 +68,9 @@ impl Record {
         value: Option<&[u8]>,
         headers: &[HeaderRef<'_>],
     ) -> Record {
-        let mut head = varint_len(opt_len(key))
-            + varint_len(opt_len(value))
-            + varint_len(headers.len() as u64);
-        let mut body = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
-        for (k, v) in headers {
-            head += varint_len(k.len() as u64) + varint_len(opt_len(*v));
-            body += k.len() + v.map_or(0, <[u8]>::len);
-        }
-        let mut buf = Vec::with_capacity(head + body);
-        put_varint(&mut buf, opt_len(key));
-        put_varint(&mut buf, opt_len(value));
-        put_varint(&mut buf, headers.len() as u64);
-        for (k, v) in headers {
-            put_varint(&mut buf, k.len() as u64);
-            put_varint(&mut buf, opt_len(*v));
-        }
-        buf.extend_from_slice(key.unwrap_or_default());
-        buf.extend_from_slice(value.unwrap_or_default());
-        for (k, v) in headers {
-            buf.extend_from_slice(k);
-            buf.extend_from_slice(v.unwrap_or_default());
-        }
+        let mut buf = Vec::new();
+        encode_into(&mut buf, offset, timestamp_ms, key, value, headers);
+        // `encode_into` reserved exactly, so this keeps the one allocation.
         Record {
             offset,
             timestamp_ms,
@@ -134,6 +115,49 @@ impl Record {
     /// The first header named `name`, if any.
     pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
         self.view().header(name)
+    }
+}
+
+/// Writes a record's parts into `buf` (cleared first) in [`Record`]'s layout and returns
+/// a view of them.
+///
+/// The consumer loop reuses one `buf` for every record, so a task staged into its
+/// transaction's [`Records`] costs no allocation of its own; an owned [`Record`] is made
+/// only where one must outlive the loop (a commit marker, a dead letter).
+pub fn encode_into<'b>(
+    buf: &'b mut Vec<u8>,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[HeaderRef<'_>],
+) -> RecordRef<'b> {
+    let mut head =
+        varint_len(opt_len(key)) + varint_len(opt_len(value)) + varint_len(headers.len() as u64);
+    let mut body = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+    for (k, v) in headers {
+        head += varint_len(k.len() as u64) + varint_len(opt_len(*v));
+        body += k.len() + v.map_or(0, <[u8]>::len);
+    }
+    buf.clear();
+    buf.reserve_exact(head + body);
+    put_varint(buf, opt_len(key));
+    put_varint(buf, opt_len(value));
+    put_varint(buf, headers.len() as u64);
+    for (k, v) in headers {
+        put_varint(buf, k.len() as u64);
+        put_varint(buf, opt_len(*v));
+    }
+    buf.extend_from_slice(key.unwrap_or_default());
+    buf.extend_from_slice(value.unwrap_or_default());
+    for (k, v) in headers {
+        buf.extend_from_slice(k);
+        buf.extend_from_slice(v.unwrap_or_default());
+    }
+    RecordRef {
+        offset,
+        timestamp_ms,
+        data: buf,
     }
 }
 
@@ -352,6 +376,14 @@ impl<'a> From<&'a Record> for RecordRef<'a> {
     }
 }
 
+impl From<RecordRef<'_>> for Records {
+    fn from(r: RecordRef<'_>) -> Records {
+        let mut rs = Records::new();
+        rs.push(r);
+        rs
+    }
+}
+
 impl From<Record> for Records {
     fn from(r: Record) -> Records {
         let mut rs = Records::new();
@@ -386,9 +418,10 @@ pub enum Kind {
 
 /// A decoded record: which transaction and what it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Marker {
-    /// Transaction id.
-    pub id: String,
+pub struct Marker<'a> {
+    /// Transaction id, borrowed from the record (most records are tasks of a transaction
+    /// already open, and need no owned copy).
+    pub id: &'a str,
     /// Task, commit or abort.
     pub kind: Kind,
 }
@@ -430,36 +463,49 @@ impl DecodeError {
     }
 }
 
-/// Decodes `record` under `protocol`.
-pub fn decode(
-    record: &Record,
+/// Decodes `record` under `protocol`; the marker borrows the id from the record.
+///
+/// One pass over the headers both checks that they are text and picks out the marker
+/// headers (the first of each name counts): this runs for every consumed record, and
+/// a lookup per header name walked the record's layout three times.
+pub fn decode<'a>(
+    record: impl Into<RecordRef<'a>>,
     protocol: Protocol,
     names: &HeaderNames,
-) -> Result<Marker, DecodeError> {
+) -> Result<Marker<'a>, DecodeError> {
+    let record = record.into();
+    let (mut kind_h, mut id_h, mut count_h) = (None, None, None);
     // Everything a task carries to the app must be text, so check it up front.
     for (name, value) in record.headers() {
         let name =
             std::str::from_utf8(name).map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
-        if let Some(v) = value {
-            if std::str::from_utf8(v).is_err() {
-                return Err(DecodeError::NotUtf8(format!("header {name:?}")));
+        let value = match value {
+            Some(v) => Some(
+                std::str::from_utf8(v)
+                    .map_err(|_| DecodeError::NotUtf8(format!("header {name:?}")))?,
+            ),
+            None => None,
+        };
+        for (wanted, slot) in [
+            (&names.kind, &mut kind_h),
+            (&names.id, &mut id_h),
+            (&names.count, &mut count_h),
+        ] {
+            if slot.is_none() && name == wanted.as_str() {
+                *slot = Some(value);
             }
         }
     }
+    // A header with a null value counts as absent.
+    let (kind_h, id_h, count_h) = (kind_h.flatten(), id_h.flatten(), count_h.flatten());
     let key = match record.key() {
         Some(k) => Some(
             std::str::from_utf8(k).map_err(|_| DecodeError::NotUtf8("the record key".into()))?,
         ),
         None => None,
     };
-    let header_text = |name: &str| -> Option<&str> {
-        record
-            .header(name)
-            .flatten()
-            .and_then(|v| std::str::from_utf8(v).ok())
-    };
     let count = || -> Result<Option<u64>, DecodeError> {
-        match header_text(&names.count) {
+        match count_h {
             None => Ok(None),
             Some(s) => s
                 .trim()
@@ -470,7 +516,7 @@ pub fn decode(
     };
     match protocol {
         Protocol::Headers => {
-            let kind = match header_text(&names.kind) {
+            let kind = match kind_h {
                 None => return Err(DecodeError::MissingType(names.kind.clone())),
                 Some(t) => {
                     // Case-insensitive without allocating (this runs for every record).
@@ -486,17 +532,14 @@ pub fn decode(
                     }
                 }
             };
-            let id = match header_text(&names.id) {
+            let id = match id_h {
                 Some(id) if !id.is_empty() => id,
                 _ => match key {
                     Some(k) if !k.is_empty() => k,
                     _ => return Err(DecodeError::MissingId(names.id.clone())),
                 },
             };
-            Ok(Marker {
-                id: id.to_string(),
-                kind,
-            })
+            Ok(Marker { id, kind })
         }
         Protocol::KeyPrefix => {
             let key = match key {
@@ -517,10 +560,7 @@ pub fn decode(
             if id.is_empty() {
                 return Err(DecodeError::MissingId("key".into()));
             }
-            Ok(Marker {
-                id: id.to_string(),
-                kind,
-            })
+            Ok(Marker { id, kind })
         }
     }
 }
@@ -553,69 +593,62 @@ mod tests {
         Record::new(7, None, key, Some(b"v"), &h)
     }
 
+    /// Decodes and owns the outcome, so a test can decode a temporary record.
+    fn dec(r: Record, p: Protocol, n: &HeaderNames) -> Result<(String, Kind), DecodeError> {
+        decode(&r, p, n).map(|m| (m.id.to_string(), m.kind))
+    }
+
     #[test]
     fn headers_protocol() {
         let n = names();
-        let m = decode(
-            &rec(Some(b"k"), &[("txn-type", b"task"), ("txn-id", b"a")]),
+        let m = dec(
+            rec(Some(b"k"), &[("txn-type", b"task"), ("txn-id", b"a")]),
             Protocol::Headers,
             &n,
         )
         .unwrap();
-        assert_eq!(
-            m,
-            Marker {
-                id: "a".into(),
-                kind: Kind::Task
-            }
-        );
-        let m = decode(
-            &rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"3")]),
+        assert_eq!(m, ("a".to_string(), Kind::Task));
+        let m = dec(
+            rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"3")]),
             Protocol::Headers,
             &n,
         )
         .unwrap();
-        assert_eq!(
-            m,
-            Marker {
-                id: "k".into(),
-                kind: Kind::Commit { count: Some(3) }
-            }
-        );
-        let m = decode(
-            &rec(Some(b"k"), &[("txn-type", b"abort")]),
+        assert_eq!(m, ("k".to_string(), Kind::Commit { count: Some(3) }));
+        let m = dec(
+            rec(Some(b"k"), &[("txn-type", b"abort")]),
             Protocol::Headers,
             &n,
         )
         .unwrap();
-        assert_eq!(m.kind, Kind::Abort);
-        let e = decode(&rec(Some(b"k"), &[]), Protocol::Headers, &n).unwrap_err();
+        assert_eq!(m.1, Kind::Abort);
+        let e = dec(rec(Some(b"k"), &[]), Protocol::Headers, &n).unwrap_err();
         assert_eq!(e.reason(), "missing_type");
-        let e = decode(
-            &rec(Some(b"k"), &[("txn-type", b"maybe")]),
+        let e = dec(
+            rec(Some(b"k"), &[("txn-type", b"maybe")]),
             Protocol::Headers,
             &n,
         )
         .unwrap_err();
         assert_eq!(e.reason(), "unknown_type");
-        let e = decode(&rec(None, &[("txn-type", b"task")]), Protocol::Headers, &n).unwrap_err();
+        let e = dec(rec(None, &[("txn-type", b"task")]), Protocol::Headers, &n).unwrap_err();
         assert_eq!(e.reason(), "missing_id");
-        let e = decode(
-            &rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"x")]),
+        let e = dec(
+            rec(Some(b"k"), &[("txn-type", b"commit"), ("txn-count", b"x")]),
             Protocol::Headers,
             &n,
         )
         .unwrap_err();
         assert_eq!(e.reason(), "invalid_count");
-        let e = decode(
-            &rec(Some(&[0xff, 0xfe]), &[("txn-type", b"task")]),
+        let e = dec(
+            rec(Some(&[0xff, 0xfe]), &[("txn-type", b"task")]),
             Protocol::Headers,
             &n,
         )
         .unwrap_err();
         assert_eq!(e.reason(), "not_utf8");
-        let e = decode(
-            &rec(Some(b"k"), &[("txn-type", b"task"), ("h", &[0xc3])]),
+        let e = dec(
+            rec(Some(b"k"), &[("txn-type", b"task"), ("h", &[0xc3])]),
             Protocol::Headers,
             &n,
         )
@@ -626,21 +659,110 @@ mod tests {
     #[test]
     fn key_prefix_protocol() {
         let n = names();
-        let d = |k: &[u8]| decode(&rec(Some(k), &[]), Protocol::KeyPrefix, &n);
+        let d = |k: &[u8]| dec(rec(Some(k), &[]), Protocol::KeyPrefix, &n);
         assert_eq!(
             d(b"task-order-1").unwrap(),
-            Marker {
-                id: "order-1".into(),
-                kind: Kind::Task
-            }
+            ("order-1".to_string(), Kind::Task)
         );
         assert_eq!(
-            d(b"commit-order-1").unwrap().kind,
+            d(b"commit-order-1").unwrap().1,
             Kind::Commit { count: None }
         );
-        assert_eq!(d(b"clear-order-1").unwrap().kind, Kind::Abort);
+        assert_eq!(d(b"clear-order-1").unwrap().1, Kind::Abort);
         assert_eq!(d(b"order-1").unwrap_err().reason(), "bad_key_prefix");
         assert_eq!(d(b"task-").unwrap_err().reason(), "missing_id");
+    }
+
+    /// The decoder as it was before the one-pass rewrite (a lookup per header name): the
+    /// property below holds the new one to the same outcome on any record.
+    fn decode_reference(
+        record: &Record,
+        protocol: Protocol,
+        names: &HeaderNames,
+    ) -> Result<(String, Kind), DecodeError> {
+        // Everything a task carries to the app must be text, so check it up front.
+        for (name, value) in record.headers() {
+            let name = std::str::from_utf8(name)
+                .map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
+            if let Some(v) = value {
+                if std::str::from_utf8(v).is_err() {
+                    return Err(DecodeError::NotUtf8(format!("header {name:?}")));
+                }
+            }
+        }
+        let key = match record.key() {
+            Some(k) => Some(
+                std::str::from_utf8(k)
+                    .map_err(|_| DecodeError::NotUtf8("the record key".into()))?,
+            ),
+            None => None,
+        };
+        let header_text = |name: &str| -> Option<&str> {
+            record
+                .header(name)
+                .flatten()
+                .and_then(|v| std::str::from_utf8(v).ok())
+        };
+        let count = || -> Result<Option<u64>, DecodeError> {
+            match header_text(&names.count) {
+                None => Ok(None),
+                Some(s) => s
+                    .trim()
+                    .parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| DecodeError::InvalidCount(names.count.clone(), s.to_string())),
+            }
+        };
+        match protocol {
+            Protocol::Headers => {
+                let kind = match header_text(&names.kind) {
+                    None => return Err(DecodeError::MissingType(names.kind.clone())),
+                    Some(t) => {
+                        // Case-insensitive without allocating (this runs for every record).
+                        let k = t.trim();
+                        if k.eq_ignore_ascii_case("task") {
+                            Kind::Task
+                        } else if k.eq_ignore_ascii_case("commit") {
+                            Kind::Commit { count: count()? }
+                        } else if k.eq_ignore_ascii_case("abort") || k.eq_ignore_ascii_case("clear")
+                        {
+                            Kind::Abort
+                        } else {
+                            return Err(DecodeError::UnknownType(t.to_string()));
+                        }
+                    }
+                };
+                let id = match header_text(&names.id) {
+                    Some(id) if !id.is_empty() => id,
+                    _ => match key {
+                        Some(k) if !k.is_empty() => k,
+                        _ => return Err(DecodeError::MissingId(names.id.clone())),
+                    },
+                };
+                Ok((id.to_string(), kind))
+            }
+            Protocol::KeyPrefix => {
+                let key = match key {
+                    Some(k) if !k.is_empty() => k,
+                    _ => return Err(DecodeError::MissingId("key".into())),
+                };
+                let (kind, id) = if let Some(id) = key.strip_prefix("task-") {
+                    (Kind::Task, id)
+                } else if let Some(id) = key.strip_prefix("commit-") {
+                    (Kind::Commit { count: count()? }, id)
+                } else if let Some(id) = key.strip_prefix("clear-") {
+                    (Kind::Abort, id)
+                } else if let Some(id) = key.strip_prefix("abort-") {
+                    (Kind::Abort, id)
+                } else {
+                    return Err(DecodeError::BadKeyPrefix(truncate(key, 64)));
+                };
+                if id.is_empty() {
+                    return Err(DecodeError::MissingId("key".into()));
+                }
+                Ok((id.to_string(), kind))
+            }
+        }
     }
 
     fn arb_record() -> impl Strategy<Value = Record> {
@@ -734,6 +856,13 @@ mod tests {
             prop_assert_eq!(buf.len(), owned.len());
             let back: Vec<Record> = buf.iter().map(|r| r.to_record()).collect();
             prop_assert_eq!(back, owned);
+        }
+
+        #[test]
+        fn decode_agrees_with_the_reference_decoder(r in arb_record()) {
+            for p in [Protocol::Headers, Protocol::KeyPrefix] {
+                prop_assert_eq!(dec(r.clone(), p, &names()), decode_reference(&r, p, &names()));
+            }
         }
 
         #[test]

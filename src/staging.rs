@@ -4,9 +4,9 @@
 //! in-memory one without touching it. Nothing here must outlive a crash: staged state is
 //! rebuilt by replaying from the committed offset, which never passes an open transaction.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
-use crate::protocol::{Record, Records};
+use crate::protocol::{RecordRef, Records};
 
 /// A transaction whose commit or abort marker has not arrived yet.
 #[derive(Debug, Clone)]
@@ -23,8 +23,9 @@ pub struct OpenTxn {
 
 /// Storage for the open transactions of one partition.
 pub trait StagingStore: Send {
-    /// Appends `task` to transaction `id`, opening it if needed; returns its state after.
-    fn stage(&mut self, id: &str, task: Record, log_time_ms: i64) -> &OpenTxn;
+    /// Appends a copy of `task` to transaction `id`, opening it if needed; returns its
+    /// state after (one task: this call opened it).
+    fn stage(&mut self, id: &str, task: RecordRef<'_>, log_time_ms: i64) -> &OpenTxn;
     /// Removes and returns transaction `id` (on commit, abort, expiry or overflow).
     fn take(&mut self, id: &str) -> Option<OpenTxn>;
     /// The open transaction `id`, if any.
@@ -47,7 +48,9 @@ pub trait StagingStore: Send {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     /// The id lives only in the key: a second copy per transaction was measurable in
-    /// staged memory at small transactions (BENCHMARKS.md, "Memory").
+    /// staged memory at small transactions (BENCHMARKS.md, "Memory"). hashbrown's
+    /// raw entry hashes a task's id once and allocates it only for a new transaction;
+    /// its default hasher (foldhash, seeded per process) is cheaper than SipHash.
     txns: HashMap<Box<str>, OpenTxn>,
     bytes: u64,
 }
@@ -60,22 +63,20 @@ impl MemoryStore {
 }
 
 impl StagingStore for MemoryStore {
-    fn stage(&mut self, id: &str, task: Record, log_time_ms: i64) -> &OpenTxn {
+    fn stage(&mut self, id: &str, task: RecordRef<'_>, log_time_ms: i64) -> &OpenTxn {
         let size = task.size();
         self.bytes += size;
-        // Look up before inserting: `entry` would allocate the id for every task.
-        if !self.txns.contains_key(id) {
+        let (_, txn) = self.txns.raw_entry_mut().from_key(id).or_insert_with(|| {
             let txn = OpenTxn {
                 first_offset: task.offset,
                 tasks: Records::new(),
                 bytes: 0,
                 opened_ms: log_time_ms,
             };
-            self.txns.insert(id.into(), txn);
-        }
-        let txn = self.txns.get_mut(id).expect("inserted above");
+            (id.into(), txn)
+        });
         txn.bytes += size;
-        txn.tasks.push(&task);
+        txn.tasks.push(task);
         txn
     }
 
@@ -110,17 +111,22 @@ impl StagingStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Record;
 
     fn task(offset: i64, value: &str) -> Record {
         Record::new(offset, None, None, Some(value.as_bytes()), &[])
     }
 
+    fn stage(s: &mut MemoryStore, id: &str, offset: i64, value: &str) -> usize {
+        s.stage(id, task(offset, value).view(), 0).tasks.len()
+    }
+
     #[test]
     fn interleaved_transactions_keep_their_own_tasks_and_bytes() {
         let mut s = MemoryStore::new();
-        s.stage("a", task(1, "a1"), 0);
-        s.stage("b", task(2, "b1x"), 0);
-        s.stage("a", task(3, "a2"), 0);
+        assert_eq!(stage(&mut s, "a", 1, "a1"), 1);
+        assert_eq!(stage(&mut s, "b", 2, "b1x"), 1);
+        assert_eq!(stage(&mut s, "a", 3, "a2"), 2);
         assert_eq!(s.len(), 2);
         assert_eq!(s.bytes(), 7);
         let a = s.take("a").unwrap();
