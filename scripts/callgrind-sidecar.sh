@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs a sidecar binary under callgrind, counting instructions on the consumer thread's
-# loop only (`pipeline::consume` and all it calls). Pass it to the benchmark as the
-# sidecar, e.g. for the staging run (BENCHMARKS.md, change 9):
+# loop only (`pipeline::consume` and all it calls), or in the whole process with
+# CG_TOGGLE= (empty). Pass it to the benchmark as the sidecar, e.g. for the staging run
+# (BENCHMARKS.md, change 9):
 #
 #   CG_BIN=target/release/txn-sidecar CG_OUT=/tmp/cg \
 #     scripts/bench.sh --only staging --reps 1 --stage-records 2500 \
@@ -13,7 +14,11 @@
 set -eu
 : "${CG_BIN:=target/release/txn-sidecar}"
 : "${CG_OUT:=target/bench/callgrind}"
+CG_TOGGLE="${CG_TOGGLE-txn_sidecar::pipeline::consume*}"
 command -v valgrind >/dev/null || { echo "callgrind-sidecar: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 mkdir -p "$CG_OUT"
-exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT/sidecar.%p.out" \
-  --toggle-collect='txn_sidecar::pipeline::consume*' "$CG_BIN" "$@"
+if [ -n "$CG_TOGGLE" ]; then
+  exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT/sidecar.%p.out" \
+    --toggle-collect="$CG_TOGGLE" "$CG_BIN" "$@"
+fi
+exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT/sidecar.%p.out" "$CG_BIN" "$@"

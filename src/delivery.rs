@@ -107,9 +107,10 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
         .tasks
         .iter()
         .map(|t| {
-            let mut headers: Vec<(&str, Option<Cow<'_, str>>)> =
-                Vec::with_capacity(t.header_count());
-            for (k, v) in t.headers() {
+            let (key, value, all_headers) = t.parts();
+            // Most tasks carry only the marker headers: allocate only for others.
+            let mut headers: Vec<(&str, Option<Cow<'_, str>>)> = Vec::new();
+            for (k, v) in all_headers {
                 let Ok(k) = std::str::from_utf8(k) else {
                     continue;
                 };
@@ -124,7 +125,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
             headers.reverse();
             headers.dedup_by(|later, kept| later.0 == kept.0);
             headers.reverse();
-            let (value, encoding) = match t.value() {
+            let (value, encoding) = match value {
                 None => (TaskValue::Null, None),
                 Some(v) => match serde_json::from_slice::<&RawValue>(v) {
                     Ok(raw) => (TaskValue::Json(raw), None),
@@ -139,7 +140,7 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
             };
             TaskBody {
                 offset: t.offset,
-                key: t.key().and_then(|k| std::str::from_utf8(k).ok()),
+                key: key.and_then(|k| std::str::from_utf8(k).ok()),
                 headers: TaskHeaders(headers),
                 value,
                 encoding,
@@ -153,7 +154,13 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
         commit_offset: txn.commit_offset,
         tasks,
     };
-    serde_json::to_vec(&body).unwrap_or_default()
+    // Sized for the staged bytes plus the JSON around them, so the body is written
+    // without the reallocations and copies of a growing `Vec`.
+    let mut out = Vec::with_capacity(txn.tasks.encoded_len() + 96 * txn.tasks.len() + 128);
+    match serde_json::to_writer(&mut out, &body) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// One failed HTTP attempt.

@@ -207,10 +207,25 @@ impl<'a> RecordRef<'a> {
 
     /// Headers in record order; names as raw bytes because producers can send anything.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = HeaderRef<'a>> + 'a {
+        self.parts().2
+    }
+
+    /// Key, value and headers from one walk of the length prefix; each accessor above
+    /// walks it again, which showed in the per-record instruction counts.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        &self,
+    ) -> (
+        Option<&'a [u8]>,
+        Option<&'a [u8]>,
+        impl ExactSizeIterator<Item = HeaderRef<'a>> + 'a,
+    ) {
         let this = *self;
         let (k, v, n, mut lens, start) = this.layout();
+        let key = this.slice(start, k);
+        let value = this.slice(start + k.saturating_sub(1) as usize, v);
         let mut at = start + k.saturating_sub(1) as usize + v.saturating_sub(1) as usize;
-        (0..n).map(move |_| {
+        let headers = (0..n).map(move |_| {
             let name_len = get_varint(this.data, &mut lens) as usize;
             let value_len = get_varint(this.data, &mut lens);
             let name = &this.data[at..at + name_len];
@@ -218,7 +233,8 @@ impl<'a> RecordRef<'a> {
             let value = this.slice(at, value_len);
             at += value_len.saturating_sub(1) as usize;
             (name, value)
-        })
+        });
+        (key, value, headers)
     }
 
     /// Number of headers.
@@ -307,6 +323,11 @@ impl Records {
     /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes of the buffer in use: the records' bytes plus a few bytes of framing each.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
     }
 
     /// The records in the order they were pushed.
@@ -473,10 +494,10 @@ pub fn decode<'a>(
     protocol: Protocol,
     names: &HeaderNames,
 ) -> Result<Marker<'a>, DecodeError> {
-    let record = record.into();
+    let (key, _, headers) = record.into().parts();
     let (mut kind_h, mut id_h, mut count_h) = (None, None, None);
     // Everything a task carries to the app must be text, so check it up front.
-    for (name, value) in record.headers() {
+    for (name, value) in headers {
         let name =
             std::str::from_utf8(name).map_err(|_| DecodeError::NotUtf8("a header name".into()))?;
         let value = match value {
@@ -498,7 +519,7 @@ pub fn decode<'a>(
     }
     // A header with a null value counts as absent.
     let (kind_h, id_h, count_h) = (kind_h.flatten(), id_h.flatten(), count_h.flatten());
-    let key = match record.key() {
+    let key = match key {
         Some(k) => Some(
             std::str::from_utf8(k).map_err(|_| DecodeError::NotUtf8("the record key".into()))?,
         ),
