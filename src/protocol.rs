@@ -407,9 +407,7 @@ impl From<RecordRef<'_>> for Records {
 
 impl From<Record> for Records {
     fn from(r: Record) -> Records {
-        let mut rs = Records::new();
-        rs.push(&r);
-        rs
+        Records::from(r.view())
     }
 }
 
