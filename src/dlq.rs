@@ -32,12 +32,17 @@ pub struct DeadTxn {
     pub error: String,
     /// `txn-dlq-attempts`: HTTP attempts made.
     pub attempts: u32,
+    /// The offset `txn-dlq-source` names, when not the last record's: the first record of
+    /// an instance dead-lettered while open, shared by every part of it written later.
+    pub source: Option<i64>,
 }
 
 impl DeadTxn {
-    /// Offset named in `txn-dlq-source`: the marker's, else the last record's.
+    /// Offset named in `txn-dlq-source`: [`DeadTxn::source`] if set, else the last
+    /// record's (the marker's, for a whole transaction).
     pub fn source_offset(&self) -> i64 {
-        self.records.last().map_or(-1, |r| r.offset)
+        self.source
+            .unwrap_or_else(|| self.records.last().map_or(-1, |r| r.offset))
     }
 }
 

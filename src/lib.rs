@@ -10,9 +10,10 @@
 //! |---|---|
 //! | [`config`] | settings: defaults < TOML file < `TXN_SIDECAR_*` env < flags, validated once |
 //! | [`protocol`] | the Kafka-side wire contract: record → task / commit / abort; the compact record and a transaction's record buffer |
+//! | [`machine`] | **the transaction rules**: one pure state machine per partition (stage, commit, abort, `txn-count`, limits, expiry, tombstones, offset gaps, holds on the committed offset, the skip set); no I/O, time is an input |
 //! | [`staging`] | the store of open transactions, behind the [`staging::StagingStore`] trait |
 //! | [`offsets`] | safe offsets and the skip set carried in offset-commit metadata |
-//! | [`pipeline`] | the consumer thread, per-partition delivery workers, rebalances, back-pressure, expiry |
+//! | [`pipeline`] | the driver: the poll loop, rebalances, commits, back-pressure, per-partition delivery workers |
 //! | [`kafka`] | librdkafka client configs and record conversion |
 //! | [`delivery`] | the HTTP-side wire contract, retries and backoff; the app's HTTP/1.1 client |
 //! | [`dlq`] | the dead-letter topic writer |
@@ -37,6 +38,7 @@ pub mod demo;
 pub mod dlq;
 pub mod embedded;
 pub mod kafka;
+pub mod machine;
 pub mod offsets;
 pub mod pipeline;
 pub mod produce;

@@ -5,11 +5,18 @@
 //! next offset to consume when none is unfinished. Transactions finished *above* that
 //! offset would be replayed by the next owner, so their commit-marker offsets travel in
 //! the offset commit's metadata string and the next owner skips exactly those.
+//!
+//! The metadata names the offset it was written for (`txs2:<base>:<deltas>`): a new
+//! owner ignores a skip set whose base is not the committed offset it reads (the offset
+//! was reset or rewritten by another tool), since its offsets may no longer name the
+//! same records.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Prefix of the metadata string, versioned so a future format can coexist.
-const METADATA_PREFIX: &str = "txs1:";
+const METADATA_PREFIX: &str = "txs2:";
+/// The previous format (`txs1:<deltas>`, base implied), still read after an upgrade.
+const METADATA_PREFIX_V1: &str = "txs1:";
 
 /// Brokers reject metadata above `offset.metadata.max.bytes` (4096 by default).
 pub const MAX_METADATA_BYTES: usize = 3900;
@@ -54,9 +61,20 @@ impl OffsetTracker {
         }
     }
 
+    /// Drops the skip set loaded on assign (the log no longer matches it).
+    pub fn forget_skip_set(&mut self) {
+        self.finished.clear();
+    }
+
     /// Notes that `offset` was consumed.
     pub fn consumed(&mut self, offset: i64) {
         self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// The highest offset in the skip set, if any: until the consumer passes it, it is
+    /// replaying records an earlier owner already handled.
+    pub fn last_finished(&self) -> Option<i64> {
+        self.finished.last().copied()
     }
 
     /// Whether the record at `offset` was already handled by an earlier owner or session.
@@ -152,11 +170,12 @@ impl OffsetTracker {
     }
 }
 
-/// Encodes the finished offsets ≥ `base` as deltas: `txs1:d1,d2,...` where d1 = o1 − base.
+/// Encodes the finished offsets ≥ `base` as deltas: `txs2:<base>:d1,d2,...` where
+/// d1 = o1 − base.
 /// Keeps the lowest offsets that fit, since the next owner reaches those first; the
 /// count of those that did not fit is returned (they are redelivered, never lost).
 pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
-    let mut out = String::from(METADATA_PREFIX);
+    let mut out = format!("{METADATA_PREFIX}{base}:");
     let mut prev = base;
     let mut written = 0;
     for &o in finished.range(base..) {
@@ -176,7 +195,15 @@ pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
 /// metadata, garbage) yields an empty set: skipping less is safe, skipping wrongly is not.
 pub fn decode_metadata(base: i64, metadata: &str) -> BTreeSet<i64> {
     let mut set = BTreeSet::new();
-    let Some(body) = metadata.strip_prefix(METADATA_PREFIX) else {
+    let body = if let Some(rest) = metadata.strip_prefix(METADATA_PREFIX) {
+        // Written for another offset: the offset was moved without this sidecar.
+        match rest.split_once(':') {
+            Some((b, body)) if b.parse::<i64>() == Ok(base) => body,
+            _ => return set,
+        }
+    } else if let Some(body) = metadata.strip_prefix(METADATA_PREFIX_V1) {
+        body
+    } else {
         return set;
     };
     if body.is_empty() {
@@ -216,20 +243,25 @@ mod tests {
         assert_eq!(t.safe_offset(), Some(0));
         let cp = t.commit_point().unwrap();
         assert_eq!(cp.offset, 0);
-        assert_eq!(cp.metadata, "txs1:2");
+        assert_eq!(cp.metadata, "txs2:0:2");
         t.consumed(3);
         t.release(0);
         t.finish(3);
         assert_eq!(t.safe_offset(), Some(4));
-        assert_eq!(t.commit_point().unwrap().metadata, "txs1:");
+        assert_eq!(t.commit_point().unwrap().metadata, "txs2:4:");
     }
 
     #[test]
     fn metadata_round_trips_and_rejects_garbage() {
         let set: BTreeSet<i64> = [10, 12, 30].into_iter().collect();
         let (m, dropped) = encode_metadata(5, &set);
-        assert_eq!((m.as_str(), dropped), ("txs1:5,2,18", 0));
+        assert_eq!((m.as_str(), dropped), ("txs2:5:5,2,18", 0));
         assert_eq!(decode_metadata(5, &m), set);
+        // Read back only at the offset it was written for.
+        assert!(decode_metadata(6, &m).is_empty());
+        assert!(decode_metadata(4, &m).is_empty());
+        // The previous format still reads, relative to the committed offset.
+        assert_eq!(decode_metadata(5, "txs1:5,2,18"), set);
         assert!(decode_metadata(5, "something-else").is_empty());
         assert!(decode_metadata(5, "txs1:1,x").is_empty());
         assert!(decode_metadata(5, "txs1:-1").is_empty());

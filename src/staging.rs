@@ -17,15 +17,21 @@ pub struct OpenTxn {
     pub tasks: Records,
     /// Staged bytes (keys, values, headers).
     pub bytes: u64,
-    /// Log time (ms) of the first task; expiry compares against this.
-    pub opened_ms: i64,
+    /// Driver clock (ms, monotonic) when its first task was consumed; expiry compares
+    /// against this, never against record timestamps.
+    pub opened_ms: u64,
+    /// Opened just after an offset gap: it may have lost records, so only a matching
+    /// `txn-count` lets it be delivered.
+    pub suspect: bool,
 }
 
 /// Storage for the open transactions of one partition.
 pub trait StagingStore: Send {
-    /// Appends a copy of `task` to transaction `id`, opening it if needed; returns its
-    /// state after (one task: this call opened it).
-    fn stage(&mut self, id: &str, task: RecordRef<'_>, log_time_ms: i64) -> &OpenTxn;
+    /// Appends a copy of `task` to transaction `id`, opening it at clock `now_ms` if
+    /// needed; returns its state after (one task: this call opened it).
+    fn stage(&mut self, id: &str, task: RecordRef<'_>, now_ms: u64) -> &OpenTxn;
+    /// Marks the open transaction `id` as possibly missing records (see [`OpenTxn::suspect`]).
+    fn mark_suspect(&mut self, id: &str);
     /// Removes and returns transaction `id` (on commit, abort, expiry or overflow).
     fn take(&mut self, id: &str) -> Option<OpenTxn>;
     /// The open transaction `id`, if any.
@@ -63,7 +69,7 @@ impl MemoryStore {
 }
 
 impl StagingStore for MemoryStore {
-    fn stage(&mut self, id: &str, task: RecordRef<'_>, log_time_ms: i64) -> &OpenTxn {
+    fn stage(&mut self, id: &str, task: RecordRef<'_>, now_ms: u64) -> &OpenTxn {
         let size = task.size();
         self.bytes += size;
         let (_, txn) = self.txns.raw_entry_mut().from_key(id).or_insert_with(|| {
@@ -71,13 +77,20 @@ impl StagingStore for MemoryStore {
                 first_offset: task.offset,
                 tasks: Records::new(),
                 bytes: 0,
-                opened_ms: log_time_ms,
+                opened_ms: now_ms,
+                suspect: false,
             };
             (id.into(), txn)
         });
         txn.bytes += size;
         txn.tasks.push(task);
         txn
+    }
+
+    fn mark_suspect(&mut self, id: &str) {
+        if let Some(t) = self.txns.get_mut(id) {
+            t.suspect = true;
+        }
     }
 
     fn take(&mut self, id: &str) -> Option<OpenTxn> {

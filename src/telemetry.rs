@@ -89,6 +89,13 @@ pub struct PartitionLabel {
     pub partition: i32,
 }
 
+/// Labels of `offset_gaps_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GapLabel {
+    /// `retention`, `truncation` or `reset`.
+    pub kind: &'static str,
+}
+
 /// Labels of `build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
@@ -138,6 +145,12 @@ pub struct Metrics {
     pub offset_commits: Family<ResultLabel, Counter>,
     /// Finished transactions left out of the skip set because the metadata was full.
     pub skip_set_overflow: Counter,
+    /// Ids remembered as dead (tombstones) until their marker.
+    pub tombstones: Gauge,
+    /// Tombstones forgotten before their marker, by why (`silent`, `capacity`).
+    pub tombstones_forgotten: Family<ReasonLabel, Counter>,
+    /// Assigns where the log did not continue at the committed offset, by kind.
+    pub offset_gaps: Family<GapLabel, Counter>,
     /// Constant 1 labelled with the version.
     pub build_info: Family<BuildLabel, Gauge>,
 }
@@ -176,6 +189,9 @@ impl Metrics {
             commit_lag: Family::default(),
             offset_commits: Family::default(),
             skip_set_overflow: Counter::default(),
+            tombstones: Gauge::default(),
+            tombstones_forgotten: Family::default(),
+            offset_gaps: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
         };
@@ -265,6 +281,21 @@ impl Metrics {
             m.offset_commits.clone(),
         );
         registry.register("skip_set_overflow", "Finished transactions that did not fit into the offset-commit metadata and may be redelivered after a handoff", m.skip_set_overflow.clone());
+        registry.register(
+            "tombstones",
+            "Transaction ids dead-lettered while open whose later records follow them to the dead-letter topic until their marker",
+            m.tombstones.clone(),
+        );
+        registry.register(
+            "tombstones_forgotten",
+            "Tombstones forgotten before their marker (silent for txn_timeout, or over capacity); a later record of the id opens a new instance",
+            m.tombstones_forgotten.clone(),
+        );
+        registry.register(
+            "offset_gaps",
+            "Assigns where the log did not continue at the committed offset (retention, truncation, reset)",
+            m.offset_gaps.clone(),
+        );
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info
             .get_or_create(&BuildLabel {

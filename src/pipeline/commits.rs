@@ -1,0 +1,168 @@
+//! Offset commits: each partition's machine says what may be committed (its commit point
+//! and skip set); this sends it, periodically and asynchronously, or synchronously on
+//! revoke and shutdown.
+
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::Engine;
+use crate::telemetry::ResultLabel;
+
+impl Engine {
+    /// Commits the safe offsets of `tps` synchronously; `Err` carries the broker's refusal.
+    pub(super) fn commit_sync<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tps: &[(Arc<str>, i32)],
+    ) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        let mut points = Vec::new();
+        for (t, n) in tps {
+            let Some(p) = self.part_mut(t, *n) else {
+                continue;
+            };
+            if let Some(cp) = p.machine.final_commit_point() {
+                if cp.dropped > 0 {
+                    self.metrics.skip_set_overflow.inc_by(cp.dropped as u64);
+                }
+                points.push((t.clone(), *n, cp));
+            }
+        }
+        for (t, n, cp) in &points {
+            if add_offset(&mut tpl, t, *n, cp.offset, &cp.metadata).is_err() {
+                warn!(topic = %t, partition = *n, "cannot build offset commit");
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "ok" })
+                    .inc();
+                for (t, n, cp) in points {
+                    if let Some(p) = self.part_mut(&t, n) {
+                        p.machine.committed(cp.offset);
+                    }
+                    info!(topic = %t, partition = n, offset = cp.offset, "committed safe offset");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                warn!(error = %e, "offset commit failed; the next owner replays from the last committed offset");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the commit points that changed, or all of them when `refresh` is set.
+    pub(super) fn commit_async<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        refresh: bool,
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        let metrics = self.metrics.clone();
+        for p in self.all_parts_mut() {
+            let m = &mut p.machine;
+            let point = if refresh {
+                m.final_commit_point()
+            } else {
+                m.commit_point()
+            };
+            if let Some(cp) = point {
+                if cp.dropped > 0 {
+                    metrics.skip_set_overflow.inc_by(cp.dropped as u64);
+                }
+                if add_offset(&mut tpl, m.topic(), m.partition(), cp.offset, &cp.metadata).is_ok() {
+                    m.committed(cp.offset);
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                warn!(error = %e, "offset commit could not be sent");
+            }
+        }
+    }
+
+    /// Results of asynchronous commits, should librdkafka report them (rust-rdkafka's
+    /// `BaseConsumer` does not today; [`super::COMMIT_REFRESH`] covers refused commits).
+    pub(super) fn on_commit_result(
+        &mut self,
+        result: KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "ok" })
+                    .inc();
+            }
+            Err(e) => {
+                self.metrics
+                    .offset_commits
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                warn!(error = %e, "offset commit failed, will retry");
+                for el in offsets.elements() {
+                    if let Some(p) = self.part_mut(el.topic(), el.partition()) {
+                        // Forces the next tick to commit again.
+                        p.machine.committed(-1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits every partition still owned; `true` when the coordinator refused it because
+    /// the group is rebalancing, so the caller should serve the rebalance and call again.
+    ///
+    /// A refused final commit hands the next owner everything since the last accepted
+    /// one, all of it already delivered. After the rebalance this member still owns the
+    /// partitions it kept (cooperative) under the new generation, so the commit goes
+    /// through; partitions it loses are committed by the revoke callback.
+    pub(super) fn final_commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        let tps: Vec<(Arc<str>, i32)> = self
+            .all_parts()
+            .map(|p| (p.machine.topic().clone(), p.machine.partition()))
+            .collect();
+        match self.commit_sync(consumer, &tps) {
+            Ok(()) => false,
+            Err(e) => matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::IllegalGeneration)
+            ),
+        }
+    }
+}
+
+fn add_offset(
+    tpl: &mut TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    metadata: &str,
+) -> KafkaResult<()> {
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    if let Some(mut el) = tpl.find_partition(topic, partition) {
+        el.set_metadata(metadata);
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The poll loop on the consumer thread: feeds records to the machines, runs the
+//! periodic work between polls (commits, expiry ticks, back-pressure, the admin
+//! snapshot), and drains on shutdown.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{carry_out, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RESUME_SETTLE};
+use crate::config::Config;
+use crate::kafka;
+
+/// How long closing the consumer (leaving the group) may take at shutdown.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often the log end is asked for directly, per partition, when librdkafka's end of
+/// log signal cannot be attributed (several topics share its partition number).
+const END_QUERY_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// Periodic work between polls.
+    fn tick<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        self.clock();
+        self.drain_events();
+        self.run_commands();
+        let now = Instant::now();
+        if now.duration_since(self.last_commit) >= self.cfg.commit_interval {
+            self.last_commit = now;
+            let refresh = now.duration_since(self.last_refresh) >= COMMIT_REFRESH;
+            if refresh {
+                self.last_refresh = now;
+            }
+            self.commit_async(consumer, refresh);
+        }
+        if now.duration_since(self.last_expiry) >= Duration::from_secs(1) {
+            self.last_expiry = now;
+            self.expire(consumer);
+        }
+        // Pausing is per-partition work; a few milliseconds of reaction time is plenty.
+        if now.duration_since(self.last_back_pressure) >= Duration::from_millis(5) {
+            self.last_back_pressure = now;
+            self.back_pressure(consumer);
+        }
+        if now.duration_since(self.last_snapshot) >= Duration::from_millis(100) {
+            self.last_snapshot = now;
+            self.publish();
+        }
+    }
+
+    /// Ticks every machine with whether its partition is caught up (the machine's
+    /// expiry rule needs it only when something is old enough to expire).
+    fn expire<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let now_ms = self.now_ms;
+        let keys: Vec<(Arc<str>, i32)> = self
+            .all_parts()
+            .filter(|p| p.machine.wants_caught_up(now_ms))
+            .map(|p| (p.machine.topic().clone(), p.machine.partition()))
+            .collect();
+        for (t, n) in keys {
+            let caught_up = self.caught_up(consumer, &t, n);
+            let Engine {
+                parts,
+                actions,
+                metrics,
+                ..
+            } = self;
+            if let Some(p) = parts.get_mut(&t).and_then(|m| m.get_mut(&n)) {
+                p.machine.tick(now_ms, caught_up, actions);
+                carry_out(p, actions, metrics);
+            }
+        }
+    }
+
+    /// Whether partition `t`/`n` has been consumed to the end of its log and is being
+    /// fetched. librdkafka's end-of-log signal (`enable.partition.eof`) answers without a
+    /// request and needs no statistics; when it cannot be attributed to one topic, the
+    /// consumer's position is compared with the log end from the broker, at most every
+    /// [`END_QUERY_INTERVAL`].
+    fn caught_up<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        t: &str,
+        n: i32,
+    ) -> bool {
+        let Some(p) = self.part_mut(t, n) else {
+            return false;
+        };
+        if p.paused || p.resumed_at.is_some_and(|r| r.elapsed() < RESUME_SETTLE) {
+            return false;
+        }
+        if p.at_end {
+            return true;
+        }
+        if p.last_end_query
+            .is_some_and(|q| q.elapsed() < END_QUERY_INTERVAL)
+        {
+            return false;
+        }
+        p.last_end_query = Some(Instant::now());
+        // The position counts control records (transaction markers), which the log end
+        // does too; the last consumed offset does not.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(t, n);
+        let position =
+            consumer
+                .position()
+                .ok()
+                .and_then(|pos| match pos.find_partition(t, n)?.offset() {
+                    rdkafka::Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+        let end = consumer
+            .fetch_watermarks(t, n, Duration::from_secs(1))
+            .ok()
+            .map(|(_, hi)| hi);
+        let caught = matches!((position, end), (Some(pos), Some(end)) if pos >= end);
+        if let Some(p) = self.part_mut(t, n) {
+            p.at_end = caught;
+        }
+        caught
+    }
+
+    /// Graceful stop: no new deliveries, in-flight ones get `shutdown_grace`, then commit.
+    /// Returns `true` to ask for [`Engine::final_commit`] again once the group's
+    /// rebalance has been served.
+    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        self.shutting_down = true;
+        self.back_pressure(consumer);
+        let tps: Vec<(Arc<str>, i32)> = self
+            .all_parts()
+            .map(|p| (p.machine.topic().clone(), p.machine.partition()))
+            .collect();
+        info!(
+            partitions = tps.len(),
+            grace_ms = self.cfg.shutdown_grace.as_millis() as u64,
+            "draining"
+        );
+        self.stop_workers(&tps, self.cfg.shutdown_grace);
+        self.final_commit(consumer)
+    }
+}
+
+/// Runs the consumer loop on the calling (dedicated) thread until `shutdown` fires.
+pub fn consume(
+    cfg: &Config,
+    engine: Arc<Mutex<Engine>>,
+    shutdown: CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut client = kafka::consumer_config(cfg);
+    // The expiry clock's end-of-log signal (see `Engine::caught_up`).
+    client.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer<SidecarContext> =
+        client.create_with_context(SidecarContext::new(engine.clone()))?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    info!(topics = ?cfg.topics, group = %cfg.group, brokers = %cfg.brokers, "consuming");
+    fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+        e.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    let mut result = Ok(());
+    let mut last_error: Option<Instant> = None;
+    let mut burst = 0u32;
+    let mut timeout = Duration::from_millis(50);
+    // Every record is encoded here first; staging copies it on (see `kafka::record_ref`).
+    let mut scratch = Vec::new();
+    while !shutdown.is_cancelled() {
+        match consumer.poll(timeout) {
+            Some(Ok(msg)) => {
+                let rec = kafka::record_ref(&msg, &mut scratch);
+                lock(&engine).on_record(msg.topic(), msg.partition(), rec);
+                burst += 1;
+                // Under load, periodic work runs every few dozen records, not per record.
+                if burst < 64 {
+                    continue;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                lock(&engine).on_end_of_log(partition);
+            }
+            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                error!(error = %code, "fatal consumer error");
+                result = Err(PipelineError::Fatal(code.to_string()));
+                break;
+            }
+            // Broker outages surface here; librdkafka reconnects by itself.
+            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
+                warn!(error = %e, "consumer error (librdkafka retries)");
+                last_error = Some(Instant::now());
+            }
+            Some(Err(_)) => {}
+            None => {}
+        }
+        burst = 0;
+        let mut e = lock(&engine);
+        e.tick(&consumer);
+        timeout = e.poll_timeout();
+    }
+    let drain_started = Instant::now();
+    let mut retry = lock(&engine).drain(&consumer);
+    let deadline = drain_started + cfg.shutdown_grace.max(Duration::from_secs(1));
+    while retry && Instant::now() < deadline {
+        // The group is rebalancing: poll (without the engine lock, which the rebalance
+        // callbacks take) so librdkafka can rejoin, then commit under the new generation.
+        // Records fetched meanwhile lie above the committed offset and are not staged.
+        let _ = consumer.poll(Duration::from_millis(100));
+        retry = lock(&engine).final_commit(&consumer);
+        if !retry {
+            info!(
+                waited_ms = drain_started.elapsed().as_millis() as u64,
+                "final offset commit accepted after the rebalance"
+            );
+        }
+    }
+    info!("leaving the consumer group");
+    // Leaving needs a broker; with none reachable librdkafka's close waits out the
+    // session timeout. Offsets are already committed (or cannot be), so bound the wait.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::Builder::new()
+        .name("txn-sidecar-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done_tx.send(());
+        });
+    if closer.is_ok() && done_rx.recv_timeout(CLOSE_DEADLINE).is_err() {
+        warn!(deadline_ms = CLOSE_DEADLINE.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+    }
+    result
+}

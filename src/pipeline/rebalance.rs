@@ -1,0 +1,404 @@
+//! Rebalances, like Kafka Connect's open/close: revoke stops the partition's workers
+//! (waiting up to `rebalance_grace`), commits its safe offset and drops its machine;
+//! assign starts a new machine from the committed offset, its skip set and the log's
+//! bounds. Also the librdkafka context that routes callbacks here.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::sync::mpsc::unbounded_channel;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::workers::{DlqLane, Lane, Worker};
+use super::{carry_out, Engine, Part, COMMIT_REFRESH};
+use crate::kafka;
+use crate::machine::{Assignment, PartitionMachine};
+use crate::telemetry::{PartitionLabel, RebalanceLabel};
+
+/// How long reading a new partition's committed offset or log bounds may take.
+const ASSIGN_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Engine {
+    pub(super) fn assign<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
+        self.metrics
+            .rebalances
+            .get_or_create(&RebalanceLabel { kind: "assign" })
+            .inc();
+        if self.shutting_down {
+            // Served only so the final commit can go through; the next owner takes these.
+            info!(
+                partitions = tpl.count(),
+                "assigned while shutting down; not consuming"
+            );
+            return;
+        }
+        if let Ok(mut s) = self.snapshot.lock() {
+            s.joined = true;
+        }
+        // Commits sent while the group was rebalancing were likely refused: resend every
+        // kept partition's point at the next commit tick.
+        let now = Instant::now();
+        self.last_refresh = now.checked_sub(COMMIT_REFRESH).unwrap_or(now);
+        if tpl.count() == 0 {
+            info!("joined the group with no partitions assigned");
+            return;
+        }
+        let mut query = TopicPartitionList::new();
+        for el in tpl.elements() {
+            query.add_partition(el.topic(), el.partition());
+        }
+        let committed = match consumer.committed_offsets(query, ASSIGN_QUERY_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read committed offsets; starting without a skip set (at-least-once)");
+                TopicPartitionList::new()
+            }
+        };
+        let settings = self.settings();
+        let now_ms = self.clock();
+        for el in tpl.elements() {
+            let topic: Arc<str> = Arc::from(el.topic());
+            let partition = el.partition();
+            let (offset, metadata) = match committed.find_partition(el.topic(), partition) {
+                Some(c) => match c.offset() {
+                    Offset::Offset(o) => (Some(o), kafka::safe_metadata(&c)),
+                    _ => (None, String::new()),
+                },
+                None => (None, String::new()),
+            };
+            // The log's bounds tell an offset gap (retention, truncation) from control
+            // records, which also leave the first record above the committed offset.
+            let (log_start, log_end) = match offset {
+                Some(_) => {
+                    match consumer.fetch_watermarks(el.topic(), partition, ASSIGN_QUERY_TIMEOUT) {
+                        Ok((lo, hi)) => (Some(lo), Some(hi)),
+                        Err(e) => {
+                            warn!(topic = %topic, partition, error = %e, "cannot read the log's bounds; offset gaps at the committed offset go undetected");
+                            (None, None)
+                        }
+                    }
+                }
+                None => (None, None),
+            };
+            let assignment = Assignment {
+                committed: offset,
+                metadata,
+                log_start,
+                log_end,
+            };
+            let machine = PartitionMachine::assigned(
+                topic.clone(),
+                partition,
+                settings,
+                &assignment,
+                now_ms,
+                &mut self.actions,
+            );
+            self.generation += 1;
+            let generation = self.generation;
+            let (tx, rx) = unbounded_channel();
+            let (dlq_tx, dlq_rx) = unbounded_channel();
+            let stop = CancellationToken::new();
+            let cut = CancellationToken::new();
+            let lane = Lane {
+                topic: topic.clone(),
+                partition,
+                generation,
+                events: self.events_tx.clone(),
+                stop: stop.clone(),
+                cut: cut.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let dlq_lane = DlqLane {
+                lane: lane.clone(),
+                rx: dlq_rx,
+                dlq: self.dlq.clone(),
+                initial_backoff: self.cfg.retry.initial_backoff,
+                max_backoff: self.cfg.retry.max_backoff,
+            };
+            let worker = Worker {
+                lane,
+                rx,
+                deliverer: self.deliverer.clone(),
+                dlq: dlq_tx.clone(),
+            };
+            self.tracker.spawn_on(worker.run(), &self.rt);
+            self.tracker.spawn_on(dlq_lane.run(), &self.rt);
+            info!(topic = %topic, partition, committed = offset.unwrap_or(-1), log_start = log_start.unwrap_or(-1), log_end = log_end.unwrap_or(-1), "partition assigned");
+            let mut part = Part {
+                machine,
+                generation,
+                tx,
+                dlq_tx,
+                stop,
+                cut,
+                running: 2,
+                paused: false,
+                resumed_at: None,
+                at_end: false,
+                last_end_query: None,
+                consumer_lag: 0,
+            };
+            carry_out(&mut part, &mut self.actions, &self.metrics);
+            self.parts.entry(topic).or_default().insert(partition, part);
+        }
+        // librdkafka keeps an application's pause across unassign: a partition paused by
+        // back-pressure before it was revoked would come back paused while its new state
+        // believes otherwise, and never be fetched again. Every assigned partition starts
+        // fetching.
+        if let Err(e) = consumer.resume(tpl) {
+            debug!(error = %e, "resume of newly assigned partitions");
+        }
+        let n: usize = self.parts.values().map(HashMap::len).sum();
+        self.metrics.assigned_partitions.set(n as i64);
+        self.publish();
+    }
+
+    pub(super) fn revoke<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
+        self.metrics
+            .rebalances
+            .get_or_create(&RebalanceLabel { kind: "revoke" })
+            .inc();
+        let tps: Vec<(Arc<str>, i32)> = tpl
+            .elements()
+            .iter()
+            .filter_map(|el| {
+                let p = self.parts.get(el.topic())?.get(&el.partition())?;
+                Some((p.machine.topic().clone(), p.machine.partition()))
+            })
+            .collect();
+        if tps.is_empty() {
+            return;
+        }
+        let busy = tps.iter().any(|(t, n)| {
+            self.parts
+                .get(t)
+                .and_then(|m| m.get(n))
+                .is_some_and(|p| p.running > 0)
+        });
+        if busy && !consumer.assignment_lost() {
+            // Commit what is finished before waiting for in-flight deliveries: while this
+            // member waits, the others may already rejoin, and a coordinator that refuses
+            // commits during a rebalance (librdkafka's mock does; Apache Kafka accepts
+            // them from the current generation) would then hand over only the last commit
+            // it took. This way at most the deliveries finishing during the wait replay.
+            let _ = self.commit_sync(consumer, &tps);
+        }
+        self.stop_workers(&tps, self.cfg.rebalance_grace);
+        if consumer.assignment_lost() {
+            warn!("assignment lost (session timed out); not committing, the new owner replays");
+        } else {
+            let _ = self.commit_sync(consumer, &tps);
+        }
+        // Whatever pause this member set must not outlive its ownership (see `assign`).
+        let mut resume = TopicPartitionList::new();
+        for (t, n) in &tps {
+            if self
+                .parts
+                .get(t)
+                .and_then(|m| m.get(n))
+                .is_some_and(|p| p.paused)
+            {
+                resume.add_partition(t, *n);
+            }
+        }
+        if resume.count() > 0 {
+            let _ = consumer.resume(&resume);
+        }
+        for (t, n) in &tps {
+            if let Some(m) = self.parts.get_mut(t) {
+                if m.remove(n).is_some() {
+                    info!(topic = %t, partition = *n, "partition revoked, staged state dropped");
+                }
+                if m.is_empty() {
+                    self.parts.remove(t);
+                }
+            }
+            let label = PartitionLabel {
+                topic: t.to_string(),
+                partition: *n,
+            };
+            self.metrics.commit_lag.remove(&label);
+            self.metrics.consumer_lag.remove(&label);
+        }
+        let n: usize = self.parts.values().map(HashMap::len).sum();
+        self.metrics.assigned_partitions.set(n as i64);
+        self.publish();
+    }
+
+    /// Waits until every partition in `tps` has stopped its workers, or `deadline`.
+    fn wait_stopped(&mut self, tps: &[(Arc<str>, i32)], deadline: Instant) -> bool {
+        loop {
+            self.drain_events();
+            let all = tps.iter().all(|(t, p)| {
+                self.parts
+                    .get(t)
+                    .and_then(|m| m.get(p))
+                    .is_none_or(|p| p.running == 0)
+            });
+            if all {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self
+                .events_rx
+                .recv_timeout(left.min(Duration::from_millis(50)))
+            {
+                Ok(ev) => self.apply(ev),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Stops the workers of `tps`: no new deliveries at once, in-flight ones get `grace`.
+    pub(super) fn stop_workers(&mut self, tps: &[(Arc<str>, i32)], grace: Duration) {
+        for (t, n) in tps {
+            if let Some(p) = self.part_mut(t, *n) {
+                p.stop.cancel();
+            }
+        }
+        if !self.wait_stopped(tps, Instant::now() + grace) {
+            for (t, n) in tps {
+                if let Some(p) = self.part_mut(t, *n) {
+                    if p.running > 0 {
+                        warn!(topic = %t, partition = *n, grace_ms = grace.as_millis() as u64, "in-flight delivery cut off; the next owner redelivers it");
+                        p.cut.cancel();
+                    }
+                }
+            }
+            self.wait_stopped(tps, Instant::now() + Duration::from_secs(5));
+        }
+    }
+
+    fn on_stats(&mut self, stats: &Statistics) {
+        let metrics = self.metrics.clone();
+        for (tname, t) in &stats.topics {
+            for (n, ps) in &t.partitions {
+                if *n < 0 {
+                    continue;
+                }
+                if let Some(p) = self.part_mut(tname, *n) {
+                    if ps.hi_offset >= 0 && ps.app_offset >= 0 {
+                        p.consumer_lag = (ps.hi_offset - ps.app_offset).max(0);
+                        metrics
+                            .consumer_lag
+                            .get_or_create(&PartitionLabel {
+                                topic: tname.clone(),
+                                partition: *n,
+                            })
+                            .set(p.consumer_lag);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The consumer context: routes librdkafka callbacks to the engine.
+pub struct SidecarContext {
+    engine: Arc<Mutex<Engine>>,
+}
+
+impl SidecarContext {
+    /// A context over `engine`.
+    pub fn new(engine: Arc<Mutex<Engine>>) -> SidecarContext {
+        SidecarContext { engine }
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// librdkafka may serve statistics or commit results while this thread already holds
+    /// the engine (inside a rebalance callback); those are skipped rather than deadlock.
+    fn try_engine(&self) -> Option<MutexGuard<'_, Engine>> {
+        match self.engine.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+impl ClientContext for SidecarContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(mut e) = self.try_engine() {
+            e.on_stats(&statistics);
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                error!(facility = fac, "librdkafka: {log_message}")
+            }
+            L::Warning => warn!(facility = fac, "librdkafka: {log_message}"),
+            L::Notice | L::Info => info!(facility = fac, "librdkafka: {log_message}"),
+            L::Debug => debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        warn!(error = %error, "kafka: {reason}");
+    }
+}
+
+impl ConsumerContext for SidecarContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                info!(
+                    partitions = tpl.count(),
+                    protocol = kafka::protocol_name(consumer),
+                    "rebalance: revoking"
+                );
+                self.engine().revoke(consumer, tpl);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                let engine = self.engine();
+                engine
+                    .metrics
+                    .rebalances
+                    .get_or_create(&RebalanceLabel { kind: "error" })
+                    .inc();
+                warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            info!(
+                partitions = tpl.count(),
+                protocol = kafka::protocol_name(consumer),
+                "rebalance: assigned"
+            );
+            self.engine().assign(consumer, tpl);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Some(mut e) = self.try_engine() {
+            e.on_commit_result(result, offsets);
+        }
+    }
+}
