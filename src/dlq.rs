@@ -259,6 +259,7 @@ mod tests {
             reason: "retries_exhausted",
             error: "app answered 503".into(),
             attempts: 5,
+            source: None,
         }
     }
 
