@@ -14,11 +14,14 @@
 //! - **Tombstone.** An instance dead-lettered while open (`expired`, `too_large`,
 //!   `operator`, or poisoned by a record of its id whose marker fields do not decode) is
 //!   remembered: every later record of its id, up to and including the marker, follows it
-//!   into the dead-letter topic with the same `txn-dlq-source`. The tombstone holds the
-//!   committed offset at the instance's first record until its marker is dead-lettered, so
-//!   a new owner replays the instance from its start and reaches the same decision through
-//!   the skip set (below). A tombstone whose id stays silent for another `txn_timeout` is
-//!   forgotten (reported), and so is the oldest one beyond [`MAX_TOMBSTONES`].
+//!   into the dead-letter topic with the same `txn-dlq-source`. The committed offset may
+//!   pass the instance once its first group is written: a tombstone whose first record
+//!   lies below the committed offset travels in the commit metadata
+//!   ([`crate::offsets::Carried`]); one that does not fit holds the offset at its first
+//!   record, where a new owner finds the head in the skip set (below) and reaches the same
+//!   decision. A tombstone whose id stays silent for another `txn_timeout` is forgotten
+//!   (reported), and so is the oldest one beyond [`MAX_TOMBSTONES`] or
+//!   [`MAX_TOMBSTONE_BYTES`].
 //! - **Expiry clock.** A transaction expires when `txn_timeout` has passed since its first
 //!   task was consumed *and* the driver reports the partition caught up (consumed to the
 //!   end of the log, not paused). The first task was produced no later than it was
@@ -37,14 +40,14 @@
 //!   `txn-count`, and is dead-lettered as `offset_gap` otherwise. A skip set that no longer
 //!   matches the log (truncation, reset) is ignored.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 
 use crate::delivery::ReadyTxn;
 use crate::dlq::DeadTxn;
-use crate::offsets::{CommitPoint, OffsetTracker};
+use crate::offsets::{decode_tombstones, Carried, CommitPoint, OffsetTracker};
 use crate::protocol::{DecodeError, Kind, Marker, RecordRef, Records};
 use crate::staging::{MemoryStore, OpenTxn, StagingStore};
 
@@ -83,8 +86,6 @@ pub struct Assignment {
 pub struct Release {
     /// The hold this work kept on the committed offset.
     pub hold: i64,
-    /// A second hold it ends (a tombstone's, when this is its marker).
-    pub also: Option<i64>,
     /// The offset to enter into the skip set.
     pub finish: Option<i64>,
 }
@@ -230,7 +231,7 @@ pub type Decoded<'a> = Result<Marker<'a>, (DecodeError, Option<&'a str>)>;
 
 #[derive(Debug)]
 struct Tombstone {
-    /// First offset of the instance (the hold).
+    /// First offset of the instance.
     first: i64,
     /// Offset named in `txn-dlq-source` by every dead-lettered part of the instance.
     source: i64,
@@ -282,6 +283,8 @@ pub struct PartitionMachine {
     store: MemoryStore,
     offsets: OffsetTracker,
     tombstones: HashMap<Box<str>, Tombstone>,
+    /// Tombstones whose marker was consumed, by marker offset, until it is written.
+    closing: BTreeMap<i64, (Box<str>, Tombstone)>,
     tombstone_bytes: usize,
     tombstone_seq: u64,
     recent_commits: RecentIds,
@@ -332,13 +335,14 @@ impl PartitionMachine {
             }
         }
         let replay_until = offsets.last_finished();
-        PartitionMachine {
+        let mut m = PartitionMachine {
             topic,
             partition,
             settings,
             store: MemoryStore::new(),
             offsets,
             tombstones: HashMap::new(),
+            closing: BTreeMap::new(),
             tombstone_bytes: 0,
             tombstone_seq: 0,
             recent_commits: RecentIds::default(),
@@ -347,7 +351,22 @@ impl PartitionMachine {
             queued: 0,
             replay_until,
             now_ms,
+        };
+        // After a gap the tombstones may be stale (their markers may be among the deleted
+        // records); the gap rule protects those instances instead.
+        if let (Some(c), None) = (a.committed, &m.gap) {
+            // Ids dead-lettered while open by an earlier owner, whose first record the
+            // committed offset has passed: their later records follow them still.
+            for t in decode_tombstones(c, &a.metadata) {
+                let reason = REASONS
+                    .iter()
+                    .find(|r| **r == t.reason)
+                    .copied()
+                    .unwrap_or("replayed");
+                m.add_tombstone(&t.id, t.first, t.source, reason, out);
+            }
         }
+        m
     }
 
     /// Source topic.
@@ -392,12 +411,14 @@ impl PartitionMachine {
 
     /// The commit to send now, if it changed; the driver confirms with [`Self::committed`].
     pub fn commit_point(&mut self) -> Option<CommitPoint> {
-        self.offsets.commit_point()
+        let carried = carried(&self.tombstones, &self.closing);
+        self.offsets.commit_point(&carried)
     }
 
     /// The commit to send regardless of change (revoke, shutdown, refresh).
     pub fn final_commit_point(&mut self) -> Option<CommitPoint> {
-        self.offsets.final_commit_point()
+        let carried = carried(&self.tombstones, &self.closing);
+        self.offsets.final_commit_point(&carried)
     }
 
     /// Records that `offset` was handed to the broker as the committed offset.
@@ -425,11 +446,9 @@ impl PartitionMachine {
     pub fn done(&mut self, r: Release) {
         self.queued = self.queued.saturating_sub(1);
         self.offsets.release(r.hold);
-        if let Some(a) = r.also {
-            self.offsets.release(a);
-        }
         if let Some(f) = r.finish {
             self.offsets.finish(f);
+            self.closing.remove(&f);
         }
     }
 
@@ -557,7 +576,7 @@ impl PartitionMachine {
                 // No id: the record belongs to no instance.
                 self.offsets.hold(offset);
                 let dead = self.dead(None, rec.into(), e.reason(), e.to_string(), None);
-                self.emit_dead(dead, offset, None, Some(offset), None, true, out);
+                self.emit_dead(dead, offset, Some(offset), None, true, out);
             }
             Err((e, Some(id))) => self.poison(id, rec, e, out),
             Ok(m) => {
@@ -635,7 +654,6 @@ impl PartitionMachine {
             self.emit_dead(
                 dead,
                 offset,
-                None,
                 Some(offset),
                 Some(Fate::DeadLettered),
                 true,
@@ -661,23 +679,14 @@ impl PartitionMachine {
         };
         let release = Release {
             hold: t.first_offset,
-            also: None,
             finish: Some(offset),
         };
         if let Some((reason, error)) = rejection {
             let mut records = t.tasks;
             records.push(rec);
             let dead = self.dead(Some(id), records, reason, error, None);
-            let Release { hold, also, finish } = release;
-            self.emit_dead(
-                dead,
-                hold,
-                also,
-                finish,
-                Some(Fate::DeadLettered),
-                true,
-                out,
-            );
+            let Release { hold, finish } = release;
+            self.emit_dead(dead, hold, finish, Some(Fate::DeadLettered), true, out);
             return;
         }
         self.queued += 1;
@@ -714,7 +723,7 @@ impl PartitionMachine {
         }
         let dead = self.dead(Some(id), records, e.reason(), e.to_string(), Some(first));
         let fate = (tasks > 1).then_some(Fate::DeadLettered);
-        self.emit_dead(dead, first, None, Some(offset), fate, false, out);
+        self.emit_dead(dead, first, Some(offset), fate, false, out);
         self.add_tombstone(id, first, first, e.reason(), out);
         out.push(Action::Report(Report::Tombstoned {
             offset: first,
@@ -746,9 +755,8 @@ impl PartitionMachine {
         } else {
             Fate::DeadLettered
         };
-        // The open transaction's hold at `first` passes to the write; the tombstone
-        // takes a hold of its own.
-        self.emit_dead(dead, first, None, Some(last), Some(fate), false, out);
+        // The open transaction's hold at `first` passes to the write.
+        self.emit_dead(dead, first, Some(last), Some(fate), false, out);
         self.add_tombstone(id, first, first, reason, out);
         out.push(Action::Report(Report::Tombstoned {
             offset: first,
@@ -767,7 +775,6 @@ impl PartitionMachine {
         reason: &'static str,
         out: &mut Vec<Action>,
     ) {
-        self.offsets.hold(first);
         self.tombstone_seq += 1;
         self.tombstone_bytes += id.len();
         self.tombstones.insert(
@@ -798,7 +805,6 @@ impl PartitionMachine {
     fn forget(&mut self, id: &str, why: &'static str, out: &mut Vec<Action>) {
         if let Some(t) = self.tombstones.remove(id) {
             self.tombstone_bytes -= id.len();
-            self.offsets.release(t.first);
             out.push(Action::Report(Report::TombstoneForgotten {
                 offset: t.first,
                 id: id.to_string(),
@@ -818,23 +824,21 @@ impl PartitionMachine {
         };
         t.last_ms = now;
         let (reason, source, first) = (t.reason, t.source, t.first);
-        let also = if marker {
+        if marker {
             if let Some(t) = self.tombstones.remove(id) {
                 self.tombstone_bytes -= id.len();
-                self.clear_gap(id);
-                Some(t.first)
-            } else {
-                None
+                // Until the marker is written, a new owner still needs the tombstone to
+                // dead-letter it: it keeps travelling in the commit metadata.
+                self.closing.insert(offset, (id.into(), t));
             }
-        } else {
-            None
-        };
+            self.clear_gap(id);
+        }
         self.offsets.hold(offset);
         let error = format!(
             "the transaction instance that began at offset {first} was dead-lettered as {reason}; its later records follow it"
         );
         let dead = self.dead(Some(id), rec.into(), reason, error, Some(source));
-        self.emit_dead(dead, offset, also, Some(offset), None, false, out);
+        self.emit_dead(dead, offset, Some(offset), None, false, out);
     }
 
     /// A record at an offset in the skip set: an earlier owner completed its handling.
@@ -849,9 +853,8 @@ impl PartitionMachine {
             self.offsets.release(t.first_offset);
         }
         if marker {
-            if let Some(t) = self.tombstones.remove(id) {
+            if self.tombstones.remove(id).is_some() {
                 self.tombstone_bytes -= id.len();
-                self.offsets.release(t.first);
             }
             self.clear_gap(id);
             if let Ok(Marker {
@@ -905,7 +908,6 @@ impl PartitionMachine {
         &mut self,
         dead: DeadTxn,
         hold: i64,
-        also: Option<i64>,
         finish: Option<i64>,
         fate: Option<Fate>,
         report: bool,
@@ -920,13 +922,42 @@ impl PartitionMachine {
                 error: dead.error.clone(),
             }));
         }
-        out.push(Action::DeadLetter(
-            dead,
-            Release { hold, also, finish },
-            fate,
-        ));
+        out.push(Action::DeadLetter(dead, Release { hold, finish }, fate));
     }
 }
+
+/// Tombstones as the commit metadata carries them: the live ones and those whose marker
+/// is being written.
+fn carried<'a>(
+    tombstones: &'a HashMap<Box<str>, Tombstone>,
+    closing: &'a BTreeMap<i64, (Box<str>, Tombstone)>,
+) -> Vec<Carried<'a>> {
+    tombstones
+        .iter()
+        .chain(closing.values().map(|(id, t)| (id, t)))
+        .map(|(id, t)| Carried {
+            first: t.first,
+            source: t.source,
+            reason: t.reason,
+            id,
+        })
+        .collect()
+}
+
+/// Dead-letter reasons a tombstone read back from commit metadata may carry; any other
+/// is kept as `replayed`.
+const REASONS: [&str; 10] = [
+    "expired",
+    "too_large",
+    "operator",
+    "not_utf8",
+    "missing_type",
+    "unknown_type",
+    "missing_id",
+    "bad_key_prefix",
+    "invalid_count",
+    "replayed",
+];
 
 /// The dead-letter group of a committed transaction whose delivery failed: its tasks,
 /// then its marker. The driver releases it with the delivery's [`Release`].

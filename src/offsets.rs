@@ -44,6 +44,118 @@ pub struct CommitPoint {
     pub metadata: String,
     /// Finished offsets that did not fit into the metadata (they will be redelivered).
     pub dropped: usize,
+    /// Tombstones carried in the metadata.
+    pub carried: usize,
+}
+
+/// A tombstone as it travels in the commit metadata: an id dead-lettered while open,
+/// whose later records a new owner must dead-letter too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried<'a> {
+    /// First offset of the dead instance.
+    pub first: i64,
+    /// Offset its dead-letter records name in `txn-dlq-source`.
+    pub source: i64,
+    /// Its dead-letter reason.
+    pub reason: &'a str,
+    /// The transaction id.
+    pub id: &'a str,
+}
+
+impl Carried<'_> {
+    /// `;first,source,reason,id` with `%`, `,` and `;` escaped in the id and reason.
+    fn encode(&self) -> String {
+        format!(
+            ";{},{},{},{}",
+            self.first,
+            self.source,
+            escape(self.reason),
+            escape(self.id)
+        )
+    }
+}
+
+/// Bytes kept for `txs2:<base>:` ahead of the tombstones.
+const HEADER_RESERVE: usize = 32;
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ',' => out.push_str("%2C"),
+            ';' => out.push_str("%3B"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3)?;
+        out.push(match code {
+            "25" => '%',
+            "2C" => ',',
+            "3B" => ';',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A tombstone read back from commit metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedOwned {
+    /// First offset of the dead instance.
+    pub first: i64,
+    /// Offset named in `txn-dlq-source`.
+    pub source: i64,
+    /// Dead-letter reason.
+    pub reason: String,
+    /// Transaction id.
+    pub id: String,
+}
+
+/// The tombstones in `metadata` written for committed offset `base` (none for any other
+/// base or format).
+pub fn decode_tombstones(base: i64, metadata: &str) -> Vec<CarriedOwned> {
+    let Some(rest) = metadata.strip_prefix(METADATA_PREFIX) else {
+        return Vec::new();
+    };
+    let Some((b, body)) = rest.split_once(':') else {
+        return Vec::new();
+    };
+    if b.parse::<i64>() != Ok(base) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for piece in body.split(';').skip(1) {
+        let mut f = piece.splitn(4, ',');
+        let parsed = (|| {
+            let first = f.next()?.parse::<i64>().ok()?;
+            let source = f.next()?.parse::<i64>().ok()?;
+            let reason = unescape(f.next()?)?;
+            let id = unescape(f.next()?)?;
+            Some(CarriedOwned {
+                first,
+                source,
+                reason,
+                id,
+            })
+        })();
+        match parsed {
+            Some(t) => out.push(t),
+            // Not written by this format: carry nothing rather than something wrong.
+            None => return Vec::new(),
+        }
+    }
+    out
 }
 
 impl OffsetTracker {
@@ -123,30 +235,51 @@ impl OffsetTracker {
     }
 
     /// The commit to send now, or `None` when nothing changed since the last one.
-    pub fn commit_point(&mut self) -> Option<CommitPoint> {
-        let offset = self.safe_offset()?;
-        // Entries below the safe offset will never be read again by anyone.
-        self.finished = self.finished.split_off(&offset);
-        let (metadata, dropped) = encode_metadata(offset, &self.finished);
-        if self.committed == Some(offset) && dropped == 0 && !self.finished_changed_since_commit() {
+    ///
+    /// `tombstones` are the ids dead-lettered while open whose marker has not come: each
+    /// whose first record the offset passes must travel in the metadata; one that does not
+    /// fit keeps the offset at its first record instead.
+    pub fn commit_point(&mut self, tombstones: &[Carried<'_>]) -> Option<CommitPoint> {
+        let cp = self.final_commit_point(tombstones)?;
+        if self.committed == Some(cp.offset)
+            && cp.dropped == 0
+            && !self.finished_changed_since_commit()
+            && cp.carried == 0
+        {
             return None;
         }
-        Some(CommitPoint {
-            offset,
-            metadata,
-            dropped,
-        })
+        Some(cp)
     }
 
-    /// The commit to send regardless of change (on revoke and shutdown).
-    pub fn final_commit_point(&mut self) -> Option<CommitPoint> {
-        let offset = self.safe_offset()?;
+    /// The commit to send regardless of change (on revoke, shutdown and refresh).
+    pub fn final_commit_point(&mut self, tombstones: &[Carried<'_>]) -> Option<CommitPoint> {
+        let mut offset = self.safe_offset()?;
+        // Tombstones first, lowest first: a new owner needs them to keep dead instances
+        // dead; the skip set only saves duplicates.
+        let mut sorted: Vec<&Carried<'_>> =
+            tombstones.iter().filter(|t| t.first < offset).collect();
+        sorted.sort_by_key(|t| t.first);
+        let mut tail = String::new();
+        let mut carried = 0;
+        for t in sorted {
+            let piece = t.encode();
+            if HEADER_RESERVE + tail.len() + piece.len() > MAX_METADATA_BYTES {
+                // It cannot travel: hold the offset at its first record, where a new owner
+                // finds the instance's head in the skip set.
+                offset = t.first;
+                break;
+            }
+            tail.push_str(&piece);
+            carried += 1;
+        }
+        // Entries below the offset will never be read again by anyone.
         self.finished = self.finished.split_off(&offset);
-        let (metadata, dropped) = encode_metadata(offset, &self.finished);
+        let (metadata, dropped) = encode_metadata_with(offset, &self.finished, &tail);
         Some(CommitPoint {
             offset,
             metadata,
             dropped,
+            carried,
         })
     }
 
@@ -175,12 +308,19 @@ impl OffsetTracker {
 /// Keeps the lowest offsets that fit, since the next owner reaches those first; the
 /// count of those that did not fit is returned (they are redelivered, never lost).
 pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
+    encode_metadata_with(base, finished, "")
+}
+
+/// [`encode_metadata`] with encoded tombstones (`tail`) after the skip set, which gets
+/// the bytes they leave.
+fn encode_metadata_with(base: i64, finished: &BTreeSet<i64>, tail: &str) -> (String, usize) {
+    let limit = MAX_METADATA_BYTES.saturating_sub(tail.len());
     let mut out = format!("{METADATA_PREFIX}{base}:");
     let mut prev = base;
     let mut written = 0;
     for &o in finished.range(base..) {
         let piece = format!("{}{}", if written == 0 { "" } else { "," }, o - prev);
-        if out.len() + piece.len() > MAX_METADATA_BYTES {
+        if out.len() + piece.len() > limit {
             break;
         }
         out.push_str(&piece);
@@ -188,6 +328,7 @@ pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
         written += 1;
     }
     let total = finished.range(base..).count();
+    out.push_str(tail);
     (out, total - written)
 }
 
@@ -198,7 +339,9 @@ pub fn decode_metadata(base: i64, metadata: &str) -> BTreeSet<i64> {
     let body = if let Some(rest) = metadata.strip_prefix(METADATA_PREFIX) {
         // Written for another offset: the offset was moved without this sidecar.
         match rest.split_once(':') {
-            Some((b, body)) if b.parse::<i64>() == Ok(base) => body,
+            Some((b, body)) if b.parse::<i64>() == Ok(base) => {
+                body.split(';').next().unwrap_or_default()
+            }
             _ => return set,
         }
     } else if let Some(body) = metadata.strip_prefix(METADATA_PREFIX_V1) {
@@ -241,14 +384,14 @@ mod tests {
         t.release(1);
         t.finish(2);
         assert_eq!(t.safe_offset(), Some(0));
-        let cp = t.commit_point().unwrap();
+        let cp = t.commit_point(&[]).unwrap();
         assert_eq!(cp.offset, 0);
         assert_eq!(cp.metadata, "txs2:0:2");
         t.consumed(3);
         t.release(0);
         t.finish(3);
         assert_eq!(t.safe_offset(), Some(4));
-        assert_eq!(t.commit_point().unwrap().metadata, "txs2:4:");
+        assert_eq!(t.commit_point(&[]).unwrap().metadata, "txs2:4:");
     }
 
     #[test]
@@ -265,6 +408,52 @@ mod tests {
         assert!(decode_metadata(5, "something-else").is_empty());
         assert!(decode_metadata(5, "txs1:1,x").is_empty());
         assert!(decode_metadata(5, "txs1:-1").is_empty());
+    }
+
+    #[test]
+    fn tombstones_travel_in_the_metadata_or_hold_the_offset() {
+        let mut t = OffsetTracker::assigned(None, "");
+        for o in 0..10 {
+            t.consumed(o);
+        }
+        t.finish(9);
+        let id = "order,42;%x";
+        let tomb = [Carried {
+            first: 3,
+            source: 3,
+            reason: "expired",
+            id,
+        }];
+        let cp = t.final_commit_point(&tomb).unwrap();
+        assert_eq!(cp.offset, 10);
+        assert_eq!(cp.carried, 1);
+        let back = decode_tombstones(10, &cp.metadata);
+        assert_eq!(
+            back,
+            vec![CarriedOwned {
+                first: 3,
+                source: 3,
+                reason: "expired".into(),
+                id: id.into(),
+            }]
+        );
+        assert!(decode_metadata(10, &cp.metadata).is_empty());
+        assert!(decode_tombstones(11, &cp.metadata).is_empty());
+        // Tombstones that do not fit keep the offset at the first of them.
+        let long = "x".repeat(1500);
+        let many: Vec<Carried<'_>> = (0..5)
+            .map(|i| Carried {
+                first: i,
+                source: i,
+                reason: "operator",
+                id: &long,
+            })
+            .collect();
+        let cp = t.final_commit_point(&many).unwrap();
+        assert_eq!(cp.carried, 2);
+        assert_eq!(cp.offset, 2);
+        assert!(cp.metadata.len() <= MAX_METADATA_BYTES);
+        assert_eq!(decode_tombstones(2, &cp.metadata).len(), 2);
     }
 
     #[test]
@@ -337,7 +526,7 @@ mod tests {
                         }
                     }
                     Step::CommitOffsets => {
-                        if let Some(cp) = t.commit_point() {
+                        if let Some(cp) = t.commit_point(&[]) {
                             t.committed_at(cp.offset);
                             last_commit = Some(cp);
                         }

@@ -34,7 +34,7 @@ use txn_sidecar::dlq::DeadTxn;
 use txn_sidecar::machine::{
     failed_delivery, Action, Assignment, PartitionMachine, Release, Report, Settings,
 };
-use txn_sidecar::offsets::decode_metadata;
+use txn_sidecar::offsets::{decode_metadata, decode_tombstones};
 use txn_sidecar::protocol::{self, Record};
 
 const TIMEOUT: u64 = 1_000;
@@ -711,7 +711,7 @@ fn check(h: &Harness, model: &Model, end: bool) {
     }
 
     // The committed offset never passes an unfinished instance.
-    if let Some((committed, _)) = &h.committed {
+    if let Some((committed, metadata)) = &h.committed {
         for i in &insts {
             let Some(&first) = i.records.first() else {
                 continue;
@@ -725,11 +725,19 @@ fn check(h: &Harness, model: &Model, end: bool) {
             // Finished: delivered, every record dead-lettered, or aborted (nothing to
             // deliver; a replay of its tail sees the abort).
             let all_dead = i.records.iter().all(|r| dead.contains(r));
-            let handled = match i.end {
-                Some((o, RecKind::Commit(_))) => delivered.contains(&o) || all_dead,
-                Some((o, RecKind::Abort)) => !delivered.contains(&o),
-                _ => all_dead,
-            };
+            // Or dead-lettered while open and carried in the metadata as a tombstone, so a
+            // new owner dead-letters the rest of it.
+            let carried = i.id.is_some_and(|id| {
+                decode_tombstones(*committed, metadata)
+                    .iter()
+                    .any(|t| t.id == id && t.first == first)
+            });
+            let handled = carried
+                || match i.end {
+                    Some((o, RecKind::Commit(_))) => delivered.contains(&o) || all_dead,
+                    Some((o, RecKind::Abort)) => !delivered.contains(&o),
+                    _ => all_dead,
+                };
             assert!(
                 handled,
                 "committed offset {committed} passed the first record {first} of unfinished instance {:?} {:?} (end {:?})",
@@ -764,7 +772,7 @@ fn check(h: &Harness, model: &Model, end: bool) {
 
 prop_state_machine! {
     #![proptest_config(ProptestConfig {
-        cases: 256,
+        cases: 1024,
         max_shrink_iters: 4096,
         ..ProptestConfig::default()
     })]
