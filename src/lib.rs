@@ -162,6 +162,8 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
     )
     .await?;
     tracing::info!(kafka = ?cfg.redacted_kafka(), app = %cfg.app.url, protocol = cfg.protocol.as_str(), "starting");
+    // Untracked: a best-effort check must not hold up shutdown.
+    tokio::spawn(pipeline::warn_if_compacted(cfg.clone()));
     let engine = pipeline::Engine::new(
         cfg.clone(),
         metrics.clone(),

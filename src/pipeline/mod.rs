@@ -41,7 +41,7 @@ use crate::machine::{Action, Fate, PartitionMachine, Release, Settings};
 use crate::protocol::{self, RecordRef};
 use crate::telemetry::{Metrics, Outcome};
 
-pub use poll::consume;
+pub use poll::{consume, warn_if_compacted};
 pub use rebalance::SidecarContext;
 use workers::{DlqWork, Event};
 

@@ -232,3 +232,38 @@ pub fn consume(
     }
     result
 }
+
+/// Warns when a source topic's `cleanup.policy` includes `compact`: compaction keeps only
+/// the newest record per key and so deletes tasks of transactions keyed by their id, in
+/// gaps inside the log the sidecar cannot see. Best effort: a broker that does not
+/// answer `DescribeConfigs` is logged at debug level.
+pub async fn warn_if_compacted(cfg: Arc<Config>) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = match kafka::base_config(&cfg).create() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check the topics' cleanup.policy");
+            return;
+        }
+    };
+    let specs: Vec<ResourceSpecifier<'_>> = cfg
+        .topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    match admin.describe_configs(&specs, &opts).await {
+        Ok(results) => {
+            for (topic, r) in cfg.topics.iter().zip(results) {
+                let policy = r
+                    .ok()
+                    .and_then(|c| c.get("cleanup.policy").and_then(|e| e.value.clone()));
+                if let Some(p) = policy.filter(|p| p.contains("compact")) {
+                    warn!(topic = %topic, cleanup_policy = %p, "source topic is compacted: compaction deletes tasks of transactions keyed by their id, in gaps the sidecar cannot detect; use cleanup.policy=delete");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot check the topics' cleanup.policy"),
+    }
+}

@@ -81,6 +81,19 @@ impl Kafka {
         headers: &[(&str, &[u8])],
         value: Option<&[u8]>,
     ) {
+        self.send_at(topic, partition, key, headers, value, None);
+    }
+
+    /// [`Kafka::send`] with an explicit record timestamp (ms since the epoch).
+    pub fn send_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        value: Option<&[u8]>,
+        timestamp_ms: Option<i64>,
+    ) {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
             h = h.insert(Header {
@@ -95,6 +108,9 @@ impl Kafka {
         }
         if let Some(v) = value {
             rec = rec.payload(v);
+        }
+        if let Some(ts) = timestamp_ms {
+            rec = rec.timestamp(ts);
         }
         self.producer.send(rec).map_err(|(e, _)| e).expect("send");
     }
@@ -152,6 +168,17 @@ impl Kafka {
         (off, el.metadata().to_string())
     }
 
+    /// The log end offset (high watermark) of `topic`/`partition`.
+    pub fn end_offset(&self, topic: &str, partition: i32) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("consumer");
+        c.fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .expect("watermarks")
+            .1
+    }
+
     /// Every record in `topic`/`partition` from the start, as (key, headers, value).
     pub fn read_all(&self, topic: &str, partition: i32, expect: usize) -> Vec<ReadRecord> {
         use rdkafka::message::{Headers, Message};
@@ -170,6 +197,7 @@ impl Kafka {
         while out.len() < expect && Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                 let mut headers = BTreeMap::new();
+                let mut header_list = Vec::new();
                 if let Some(h) = m.headers() {
                     for i in 0..h.count() {
                         let hh = h.get(i);
@@ -177,9 +205,12 @@ impl Kafka {
                             hh.key.to_string(),
                             String::from_utf8_lossy(hh.value.unwrap_or_default()).into_owned(),
                         );
+                        header_list.push((hh.key.to_string(), hh.value.map(<[u8]>::to_vec)));
                     }
                 }
                 out.push(ReadRecord {
+                    header_list,
+                    timestamp: m.timestamp().to_millis(),
                     offset: m.offset(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     headers,
@@ -194,6 +225,9 @@ impl Kafka {
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
     pub offset: i64,
+    /// Every header in record order, duplicates kept.
+    pub header_list: Vec<(String, Option<Vec<u8>>)>,
+    pub timestamp: Option<i64>,
     pub key: Option<String>,
     pub headers: BTreeMap<String, String>,
     pub value: Option<String>,

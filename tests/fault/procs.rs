@@ -294,13 +294,21 @@ impl GroupReader {
     }
 }
 
-/// Decodes the skip set independently of the sidecar's code: `txs1:d1,d2,...`, deltas
-/// from the committed offset. Anything else is an empty set (what the sidecar does too).
+/// Decodes the skip set independently of the sidecar's code:
+/// `txs2:<base>:d1,d2,...[;tombstone...]`, deltas from the committed offset, which must be
+/// `<base>`. Anything else is an empty set (what the sidecar does too).
 pub fn decode_skip_set(base: i64, metadata: &str) -> BTreeSet<i64> {
     let mut out = BTreeSet::new();
-    let Some(body) = metadata.strip_prefix("txs1:") else {
+    let Some(rest) = metadata.strip_prefix("txs2:") else {
         return out;
     };
+    let Some((b, body)) = rest.split_once(':') else {
+        return out;
+    };
+    if b.parse::<i64>() != Ok(base) {
+        return out;
+    }
+    let body = body.split(';').next().unwrap_or_default();
     let mut prev = base;
     for d in body.split(',').filter(|s| !s.is_empty()) {
         match d.parse::<i64>() {
