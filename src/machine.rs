@@ -702,13 +702,19 @@ impl PartitionMachine {
         ));
     }
 
-    /// A record whose marker fields do not decode but whose id is known ends its
-    /// instance: what was staged and this record are dead-lettered as one group, and
-    /// the id is tombstoned until its marker.
+    /// A record whose marker fields do not decode but whose id is known poisons its
+    /// instance: what was staged and this record are dead-lettered as one group, and the
+    /// id is tombstoned until its marker. A commit whose `txn-count` does not parse is
+    /// still a marker: it ends the instance, and nothing is tombstoned.
     fn poison(&mut self, id: &str, rec: RecordRef<'_>, e: DecodeError, out: &mut Vec<Action>) {
         let offset = rec.offset;
+        let ends = ends_instance(&e);
         if self.tombstones.contains_key(id) {
-            let kind = Kind::Task;
+            let kind = if ends {
+                Kind::Commit { count: None }
+            } else {
+                Kind::Task
+            };
             self.follow(id, rec, &kind, out);
             return;
         }
@@ -721,8 +727,14 @@ impl PartitionMachine {
         if !hold_kept {
             self.offsets.hold(first);
         }
-        let dead = self.dead(Some(id), records, e.reason(), e.to_string(), Some(first));
         let fate = (tasks > 1).then_some(Fate::DeadLettered);
+        if ends {
+            self.clear_gap(id);
+            let dead = self.dead(Some(id), records, e.reason(), e.to_string(), None);
+            self.emit_dead(dead, first, Some(offset), fate, true, out);
+            return;
+        }
+        let dead = self.dead(Some(id), records, e.reason(), e.to_string(), Some(first));
         self.emit_dead(dead, first, Some(offset), fate, false, out);
         self.add_tombstone(id, first, first, e.reason(), out);
         out.push(Action::Report(Report::Tombstoned {
@@ -845,7 +857,7 @@ impl PartitionMachine {
     fn replayed(&mut self, offset: i64, decoded: &Decoded<'_>, out: &mut Vec<Action>) {
         let (id, marker) = match decoded {
             Ok(m) => (m.id, matches!(m.kind, Kind::Commit { .. } | Kind::Abort)),
-            Err((_, Some(id))) => (*id, false),
+            Err((e, Some(id))) => (*id, ends_instance(e)),
             Err((_, None)) => return,
         };
         let staged = self.store.take(id);
@@ -924,6 +936,11 @@ impl PartitionMachine {
         }
         out.push(Action::DeadLetter(dead, Release { hold, finish }, fate));
     }
+}
+
+/// Whether a record that fails to decode for `e` is still its instance's marker.
+fn ends_instance(e: &DecodeError) -> bool {
+    matches!(e, DecodeError::InvalidCount(..))
 }
 
 /// Tombstones as the commit metadata carries them: the live ones and those whose marker

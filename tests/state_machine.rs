@@ -70,6 +70,8 @@ enum RecKind {
     Abort,
     /// `txn-type` that is not task/commit/abort: the id is known, the marker is not.
     BadType,
+    /// A commit whose `txn-count` does not parse: still its instance's marker.
+    BadCount,
     /// No id at all.
     NoId,
 }
@@ -88,7 +90,10 @@ struct Rec {
 
 impl Rec {
     fn is_marker(&self) -> bool {
-        matches!(self.kind, RecKind::Commit(_) | RecKind::Abort)
+        matches!(
+            self.kind,
+            RecKind::Commit(_) | RecKind::Abort | RecKind::BadCount
+        )
     }
 
     fn to_record(&self, offset: i64) -> Record {
@@ -98,6 +103,7 @@ impl Rec {
             RecKind::Commit(_) => "commit",
             RecKind::Abort => "abort",
             RecKind::BadType => "comit",
+            RecKind::BadCount => "commit",
             RecKind::NoId => "task",
         };
         if let Some(id) = self.id {
@@ -106,6 +112,9 @@ impl Rec {
         headers.push((b"txn-type", Some(kind.as_bytes().to_vec())));
         if let Some(c) = self.count {
             headers.push((b"txn-count", Some(c.to_string().into_bytes())));
+        }
+        if self.kind == RecKind::BadCount {
+            headers.push((b"txn-count", Some(b"many".to_vec())));
         }
         if self.binary {
             headers.push((b"x-amqp", Some(vec![0xA1, 0x03, 0x61, 0x62, 0x63])));
@@ -179,6 +188,7 @@ impl ReferenceStateMachine for Reference {
             1 => Just(RecKind::Commit(CountKind::Wrong)),
             2 => Just(RecKind::Abort),
             1 => Just(RecKind::BadType),
+            1 => Just(RecKind::BadCount),
             1 => Just(RecKind::NoId),
         ];
         let produce = (
@@ -237,7 +247,7 @@ impl ReferenceStateMachine for Reference {
             };
             match kind {
                 RecKind::Task => *s.open_tasks.entry(idn).or_insert(0) += 1,
-                RecKind::Commit(_) | RecKind::Abort => {
+                RecKind::Commit(_) | RecKind::Abort | RecKind::BadCount => {
                     s.open_tasks.remove(idn);
                 }
                 _ => {}
