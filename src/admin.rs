@@ -241,23 +241,26 @@ struct DeadLetterRequest {
     id: String,
 }
 
-/// Compares without an early exit, so response timing does not reveal the token.
+/// Compares in constant time (`subtle`), so response timing reveals nothing about the
+/// token but its length.
 fn same_token(given: &[u8], want: &[u8]) -> bool {
-    given.len() == want.len()
-        && given
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    use subtle::ConstantTimeEq;
+    bool::from(given.ct_eq(want))
 }
 
 /// Mutating endpoints are disabled without `admin.token` and require `Bearer <token>`.
+///
+/// A blank token never authorizes anything, even if one reached here without config
+/// validation (which refuses it): it would match a request with no credentials.
 fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
-    let Some(want) = &s.token else {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "mutating endpoints are disabled: set admin.token\n",
-        ));
+    let want = match &s.token {
+        Some(t) if !t.trim().is_empty() => t,
+        _ => {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "mutating endpoints are disabled: set admin.token\n",
+            ))
+        }
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -318,5 +321,64 @@ async fn dead_letter(
             "the consumer did not answer\n",
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(token: Option<&str>) -> AppState {
+        AppState {
+            commands: std::sync::mpsc::channel().0,
+            token: token.map(Arc::from),
+            snapshot: Arc::default(),
+            metrics: Metrics::new(),
+            client: reqwest::Client::new(),
+            app_probe: url::Url::parse("http://127.0.0.1:1/").unwrap(),
+        }
+    }
+
+    fn bearer(v: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = v {
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_exact_token_authorizes() {
+        let s = state(Some("tok-123"));
+        assert!(authorize(&s, &bearer(Some("Bearer tok-123"))).is_ok());
+        for wrong in [
+            None,
+            Some("Bearer "),
+            Some("Bearer tok-12"),
+            Some("Bearer tok-1234"),
+            Some("tok-123"),
+        ] {
+            let e = authorize(&s, &bearer(wrong)).unwrap_err();
+            assert_eq!(e.0, StatusCode::UNAUTHORIZED, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn a_blank_token_disables_the_endpoint_rather_than_opening_it() {
+        for t in [None, Some(""), Some("   ")] {
+            let s = state(t);
+            for h in [None, Some("Bearer "), Some("Bearer    ")] {
+                let e = authorize(&s, &bearer(h)).unwrap_err();
+                assert_eq!(e.0, StatusCode::FORBIDDEN, "{t:?} {h:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_compare_by_content_and_length() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abc", b"abd"));
+        assert!(!same_token(b"abc", b"abcd"));
+        assert!(!same_token(b"", b"abc"));
     }
 }

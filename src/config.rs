@@ -14,6 +14,8 @@ use std::time::Duration;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use rdkafka::error::KafkaError;
+use rdkafka::ClientConfig;
 
 /// Prefix of every environment variable the sidecar reads.
 pub const ENV_PREFIX: &str = "TXN_SIDECAR_";
@@ -186,6 +188,11 @@ impl Config {
             .unwrap_or_else(|| format!("{source_topic}.dlq"))
     }
 
+    /// The consumer group protocol `kafka.group.protocol` selects.
+    pub fn group_protocol(&self) -> GroupProtocol {
+        GroupProtocol::of(&self.kafka)
+    }
+
     /// A minimal valid config for `topic` on `brokers`; tests and the demo start here.
     pub fn for_topic(brokers: &str, topic: &str) -> Config {
         let mut sources = Sources::default();
@@ -210,11 +217,12 @@ impl Config {
         figment = figment.merge(Layer::from_flat("command-line flag", &sources.flags));
         let root = match figment.extract::<Dict>() {
             Ok(d) => d,
-            Err(e) => return Err(ConfigError::single("config", e.to_string())),
+            Err(e) => return Err(ConfigError::single("config", one_line(&e.to_string()))),
         };
         let mut r = Reader {
             figment: &figment,
             root: &root,
+            sources,
             errors: Vec::new(),
         };
         let cfg = build(&mut r);
@@ -303,6 +311,17 @@ impl Config {
     }
 }
 
+/// A multi-line message (a TOML parse error draws the offending line) as one line: the
+/// text lines joined, the drawing left out.
+fn one_line(msg: &str) -> String {
+    let parts: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains('|'))
+        .collect();
+    parts.join(": ")
+}
+
 /// What replaces a secret in any output.
 pub const REDACTED: &str = "<redacted>";
 
@@ -365,6 +384,21 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The longest duration any setting takes: 24 days.
+///
+/// Durations feed `Instant` arithmetic (a revoke's deadline, inside a librdkafka
+/// callback), millisecond counters and, as librdkafka timeouts, C `int` milliseconds
+/// (at most 2^31 − 1 ms, about 24.8 days). Anything longer would overflow one of them,
+/// so it is refused up front rather than panicking or wrapping at run time.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 24 * 60 * 60);
+
+/// What a revoke may take beyond `rebalance_grace`: after the grace, a cut-off delivery
+/// gets up to 5 s to stop, then the safe offsets are committed synchronously.
+pub const REVOKE_MARGIN: Duration = Duration::from_secs(5);
+
+/// librdkafka's default `max.poll.interval.ms`.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 /// Keys of every scalar setting; `kafka.*` is free-form.
 const KNOWN_KEYS: &[&str] = &[
     "brokers",
@@ -420,20 +454,73 @@ impl Layer {
     }
 
     fn from_env(name: &'static str, env: &BTreeMap<String, String>) -> Layer {
-        let by_env: BTreeMap<String, &str> = KNOWN_KEYS.iter().map(|k| (env_name(k), *k)).collect();
         let mut dict = Dict::new();
         for (var, v) in env {
-            if let Some(key) = by_env.get(var) {
-                insert_dotted(&mut dict, key, v);
-            } else if let Some(prop) = var.strip_prefix("TXN_SIDECAR_KAFKA_") {
-                let prop = prop.to_ascii_lowercase().replace('_', ".");
-                insert_dotted(&mut dict, &format!("kafka.{prop}"), v);
+            if let Some(key) = env_key(var) {
+                insert_dotted(&mut dict, &key, v);
             }
-            // Other TXN_SIDECAR_* variables are ignored on purpose: Kubernetes injects
-            // `<SERVICE>_PORT`-style variables for a Service named `txn-sidecar`.
         }
         Layer { name, dict }
     }
+}
+
+/// The setting key an environment variable sets, if any.
+///
+/// `TXN_SIDECAR_<KEY>` sets a known key and `TXN_SIDECAR_KAFKA_<PROP>` the librdkafka
+/// property `<prop>` (lower-cased, underscores as dots). Every other variable is ignored,
+/// and so is anything shaped like a variable Kubernetes injects for a Service (see
+/// [`is_service_link_variable`]): a Service named `txn-sidecar-kafka` yields
+/// `TXN_SIDECAR_KAFKA_SERVICE_HOST`, which must not become a property `service.host`.
+pub fn env_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    if is_service_link_variable(var) {
+        return None;
+    }
+    if let Some(key) = KNOWN_KEYS.iter().find(|k| env_name(k) == var) {
+        return Some(key.to_string());
+    }
+    let prop = rest.strip_prefix("KAFKA_")?;
+    if prop.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "kafka.{}",
+        prop.to_ascii_lowercase().replace('_', ".")
+    ))
+}
+
+/// Whether `var` has the shape of a variable the kubelet injects for every Service in
+/// the namespace (`enableServiceLinks`, on unless a pod turns it off), whatever the
+/// Service is called: `<SVC>_SERVICE_HOST`, `<SVC>_SERVICE_PORT`,
+/// `<SVC>_SERVICE_PORT_<PORT NAME>`, `<SVC>_PORT`, `<SVC>_PORT_<n>_<PROTO>` and the
+/// latter with `_PROTO`, `_PORT` or `_ADDR` appended (Docker's legacy links use the same
+/// `_PORT` shapes). No setting's variable and no librdkafka property has these shapes,
+/// and a unit test keeps it so.
+pub fn is_service_link_variable(var: &str) -> bool {
+    if var.ends_with("_SERVICE_HOST")
+        || var.ends_with("_SERVICE_PORT")
+        || var.contains("_SERVICE_PORT_")
+        || var.ends_with("_PORT")
+    {
+        return true;
+    }
+    let mut rest = var;
+    while let Some(i) = rest.find("_PORT_") {
+        let after = &rest[i + "_PORT_".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 {
+            let tail = &after[digits..];
+            for proto in ["_TCP", "_UDP", "_SCTP"] {
+                if let Some(t) = tail.strip_prefix(proto) {
+                    if matches!(t, "" | "_PROTO" | "_PORT" | "_ADDR") {
+                        return true;
+                    }
+                }
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    false
 }
 
 fn insert_dotted(dict: &mut Dict, key: &str, v: &str) {
@@ -476,6 +563,7 @@ impl Provider for Layer {
 struct Reader<'a> {
     figment: &'a Figment,
     root: &'a Dict,
+    sources: &'a Sources,
     errors: Vec<(String, String)>,
 }
 
@@ -511,6 +599,35 @@ impl Reader<'_> {
         }
     }
 
+    /// Where the librdkafka property `prop` came from (figment cannot find dotted
+    /// property names inside the `kafka` table): the last layer that sets it.
+    fn kafka_origin(&self, prop: &str) -> String {
+        let key = format!("kafka.{prop}");
+        if self.sources.flags.contains_key(&key) {
+            return " (from a command-line flag)".into();
+        }
+        if let Some(var) = self
+            .sources
+            .env
+            .keys()
+            .rev()
+            .find(|var| env_key(var).as_deref() == Some(key.as_str()))
+        {
+            return format!(" (from env {var})");
+        }
+        match &self.sources.file {
+            Some(f) => format!(" (from {})", f.display()),
+            None => String::new(),
+        }
+    }
+
+    /// Records a problem with the librdkafka property `prop`, naming where it came from.
+    fn fail_kafka(&mut self, prop: &str, msg: impl Into<String>) {
+        let origin = self.kafka_origin(prop);
+        self.errors
+            .push((format!("kafka.{prop}"), format!("{}{origin}", msg.into())));
+    }
+
     fn fail(&mut self, key: &str, msg: impl Into<String>) {
         let origin = self.origin(key);
         self.errors
@@ -541,7 +658,8 @@ impl Reader<'_> {
     fn u64_or(&mut self, key: &str, default: u64) -> u64 {
         match self.value(key) {
             None => default,
-            Some(Value::Num(_, n)) => match n.to_u128().and_then(|v| u64::try_from(v).ok()) {
+            // TOML integers are signed: `to_u128` alone would refuse every one of them.
+            Some(Value::Num(_, n)) => match n.to_u128_lossy().and_then(|v| u64::try_from(v).ok()) {
                 Some(v) => v,
                 None => {
                     self.fail(key, "expected a non-negative integer");
@@ -563,10 +681,10 @@ impl Reader<'_> {
     }
 
     fn duration_or(&mut self, key: &str, default: Duration) -> Duration {
-        match self.value(key) {
-            None => default,
+        let (d, shown) = match self.value(key) {
+            None => return default,
             Some(Value::String(_, s)) => match humantime::parse_duration(s.trim()) {
-                Ok(d) => d,
+                Ok(d) => (d, format!("{s:?}")),
                 Err(e) => {
                     self.fail(
                         key,
@@ -574,22 +692,37 @@ impl Reader<'_> {
                             "invalid duration {s:?}: {e} (use e.g. \"500ms\", \"30s\", \"5m\")"
                         ),
                     );
-                    default
+                    return default;
                 }
             },
-            Some(Value::Num(_, n)) => match n.to_u128() {
+            Some(Value::Num(_, n)) => match n.to_u128_lossy() {
                 // A bare number is seconds, as most operators would read it.
-                Some(v) => Duration::from_secs(v.min(u64::MAX as u128) as u64),
+                Some(v) => (
+                    Duration::from_secs(v.min(u64::MAX as u128) as u64),
+                    v.to_string(),
+                ),
                 None => {
                     self.fail(key, "expected a duration such as \"30s\"");
-                    default
+                    return default;
                 }
             },
             Some(_) => {
                 self.fail(key, "expected a duration such as \"30s\"");
-                default
+                return default;
             }
+        };
+        if d > MAX_DURATION {
+            self.fail(
+                key,
+                format!(
+                    "{shown} is too long: a duration is at most {} (longer ones overflow the \
+                     32-bit millisecond timeouts of librdkafka)",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            );
+            return default;
         }
+        d
     }
 
     fn topics(&mut self) -> Vec<String> {
@@ -637,7 +770,6 @@ impl Reader<'_> {
             }
         };
         for (k, v) in dict {
-            let key = format!("kafka.{k}");
             let s = match v {
                 Value::String(_, s) => s,
                 Value::Num(_, n) => match (n.to_i128(), n.to_f64()) {
@@ -647,8 +779,7 @@ impl Reader<'_> {
                 },
                 Value::Bool(_, b) => b.to_string(),
                 _ => {
-                    self.errors
-                        .push((key, "expected a string, number or boolean".into()));
+                    self.fail_kafka(&k, "expected a string, number or boolean");
                     continue;
                 }
             };
@@ -656,7 +787,7 @@ impl Reader<'_> {
                 Ok(s) => {
                     out.insert(k, s);
                 }
-                Err(e) => self.errors.push((key, e)),
+                Err(e) => self.fail_kafka(&k, e),
             }
         }
         out
@@ -776,14 +907,189 @@ fn validate_topic_name(t: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Properties the sidecar owns; a user value would break its guarantees.
-const OWNED_KAFKA_PROPERTIES: &[&str] = &[
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "group.id",
-    "bootstrap.servers",
-    "isolation.level",
+/// Properties the sidecar owns, each with what to use instead; a user value would break
+/// its guarantees.
+const OWNED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "offsets are committed only up to the safe offset",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed only up to the safe offset",
+    ),
+    ("group.id", "use the `group` setting"),
+    ("bootstrap.servers", "use the `brokers` setting"),
+    ("isolation.level", "the sidecar reads read_committed"),
+    (
+        "enable.partition.eof",
+        "the sidecar enables it to learn when a partition is caught up",
+    ),
 ];
+
+/// Properties librdkafka refuses with `group.protocol=consumer` (KIP-848), each with what
+/// takes its place (librdkafka 2.12, `rd_kafka_conf_finalize`).
+const CLASSIC_ONLY_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "session.timeout.ms",
+        "the broker sets it (group.consumer.session.timeout.ms)",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the broker sets it (group.consumer.heartbeat.interval.ms)",
+    ),
+    (
+        "partition.assignment.strategy",
+        "use kafka.group.remote.assignor (uniform or range) instead",
+    ),
+    ("group.protocol.type", "it belongs to the classic protocol"),
+];
+
+/// The consumer group protocol, from `kafka.group.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// The classic protocol: JoinGroup/SyncGroup, client-side assignment.
+    Classic,
+    /// KIP-848 (`group.protocol=consumer`): heartbeats carry the assignment, which the
+    /// broker computes; session and heartbeat timing are the broker's.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The group protocol `kafka` selects (librdkafka matches the value ignoring case).
+    pub fn of(kafka: &BTreeMap<String, String>) -> GroupProtocol {
+        match kafka.get("group.protocol") {
+            Some(v) if v.trim().eq_ignore_ascii_case("consumer") => GroupProtocol::Consumer,
+            _ => GroupProtocol::Classic,
+        }
+    }
+
+    /// The value of `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+}
+
+/// The librdkafka properties: owned ones, ones the group protocol forbids, ones that
+/// would break a guarantee, a `max.poll.interval.ms` a revoke can outlast, and whatever
+/// librdkafka itself refuses, each reported with its key before any client exists.
+fn check_kafka(r: &mut Reader<'_>, kafka: &BTreeMap<String, String>, rebalance_grace: Duration) {
+    let mut reported: Vec<&str> = Vec::new();
+    for (owned, instead) in OWNED_KAFKA_PROPERTIES {
+        if kafka.contains_key(*owned) {
+            r.fail_kafka(
+                owned,
+                format!("is managed by txn-sidecar and cannot be overridden ({instead})"),
+            );
+            reported.push(owned);
+        }
+    }
+    if GroupProtocol::of(kafka) == GroupProtocol::Consumer {
+        for (prop, instead) in CLASSIC_ONLY_PROPERTIES {
+            if kafka.contains_key(*prop) {
+                r.fail_kafka(
+                    prop,
+                    format!(
+                        "is not supported with kafka.group.protocol=consumer (KIP-848): {instead}"
+                    ),
+                );
+                reported.push(prop);
+            }
+        }
+    }
+    if kafka
+        .get("transactional.id")
+        .is_some_and(|v| !v.trim().is_empty())
+    {
+        r.fail_kafka(
+            "transactional.id",
+            "is not supported: [kafka] properties also reach the dead-letter producer, which \
+             is idempotent and not transactional (a transactional.id would make every \
+             dead-letter write fail)",
+        );
+        reported.push("transactional.id");
+    }
+    if let Some(v) = kafka.get("auto.offset.reset") {
+        let why = match v.trim().to_ascii_lowercase().as_str() {
+            "latest" | "largest" | "end" => Some(
+                "would silently skip every transaction already in the topic whenever the \
+                 group has no committed offset or it fell out of retention",
+            ),
+            "none" | "error" => Some(
+                "would stop a partition with an error whenever the group has no committed \
+                 offset or it fell out of retention",
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            r.fail_kafka(
+                "auto.offset.reset",
+                format!(
+                    "{v:?} {why}; the sidecar needs \"earliest\" (to start a new group at the end \
+                     of the topic, reset its offsets with kafka-consumer-groups.sh \
+                     --reset-offsets --to-latest before the first start)"
+                ),
+            );
+            reported.push("auto.offset.reset");
+        }
+    }
+    let revoke = rebalance_grace.saturating_add(REVOKE_MARGIN);
+    let max_poll = kafka.get("max.poll.interval.ms");
+    match max_poll.map(|v| v.trim().parse::<u64>()) {
+        Some(Ok(ms)) if Duration::from_millis(ms) < revoke => {
+            r.fail_kafka(
+                "max.poll.interval.ms",
+                format!(
+                    "{ms} ms is shorter than a revoke may take (rebalance_grace {} + {}), so the \
+                     member would be evicted mid-revoke; set it to at least {} or lower \
+                     rebalance_grace",
+                    humantime::format_duration(rebalance_grace),
+                    humantime::format_duration(REVOKE_MARGIN),
+                    revoke.as_millis()
+                ),
+            );
+            reported.push("max.poll.interval.ms");
+        }
+        None if revoke > Duration::from_millis(DEFAULT_MAX_POLL_INTERVAL_MS) => {
+            r.fail(
+                "rebalance_grace",
+                format!(
+                    "{} + {} is longer than librdkafka's max.poll.interval.ms ({DEFAULT_MAX_POLL_INTERVAL_MS} \
+                     ms by default), so the member would be evicted mid-revoke; lower it or set \
+                     kafka.max.poll.interval.ms to at least {}",
+                    humantime::format_duration(rebalance_grace),
+                    humantime::format_duration(REVOKE_MARGIN),
+                    revoke.as_millis()
+                ),
+            );
+        }
+        _ => {}
+    }
+    // Plugins add properties librdkafka only knows once they are loaded.
+    if kafka.contains_key("plugin.library.paths") {
+        return;
+    }
+    for (k, v) in kafka {
+        if reported.contains(&k.as_str()) {
+            continue;
+        }
+        if let Err(e) = ClientConfig::new().set(k, v).create_native_config() {
+            let msg = match e {
+                KafkaError::ClientConfig(_, desc, _, _) => desc,
+                other => other.to_string(),
+            };
+            let msg = if is_secret_property(k) && !v.is_empty() {
+                msg.replace(v.as_str(), REDACTED)
+            } else {
+                msg
+            };
+            r.fail_kafka(k, format!("librdkafka refuses it: {msg}"));
+        }
+    }
+}
 
 fn build(r: &mut Reader<'_>) -> Option<Config> {
     let brokers = r.string_or("brokers", "localhost:9092");
@@ -890,18 +1196,45 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         }
     };
     let token = r.string("admin.token");
+    if let Some(t) = &token {
+        if t.trim().is_empty() {
+            // `${env:ADMIN_TOKEN}` of a Secret not yet filled: an empty token would
+            // match an empty `Authorization`, so it is never a way to disable the endpoint.
+            r.fail(
+                "admin.token",
+                "is empty after interpolation; unset admin.token to disable the mutating \
+                 endpoints, or give a non-empty token",
+            );
+        } else if t.trim() != t {
+            r.fail(
+                "admin.token",
+                "begins or ends with whitespace, which an Authorization header cannot carry",
+            );
+        }
+    }
     let headers = HeaderNames {
         id: r.string_or("headers.id", "txn-id"),
         kind: r.string_or("headers.type", "txn-type"),
         count: r.string_or("headers.count", "txn-count"),
     };
-    for (k, v) in [
+    let names = [
         ("headers.id", &headers.id),
         ("headers.type", &headers.kind),
         ("headers.count", &headers.count),
-    ] {
+    ];
+    for (i, (k, v)) in names.iter().enumerate() {
         if v.trim().is_empty() {
             r.fail(k, "must not be empty");
+        } else if let Some((other, _)) = names[..i].iter().find(|(_, o)| o == v) {
+            r.fail(
+                k,
+                format!("must differ from {other} (both are {v:?}): one header cannot carry both"),
+            );
+        } else if v.starts_with("txn-dlq-") {
+            r.fail(
+                k,
+                format!("{v:?} is a dead-letter header name (txn-dlq-*); choose another"),
+            );
         }
     }
     let limits = Limits {
@@ -930,15 +1263,7 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         );
     }
     let kafka = r.kafka();
-    for owned in OWNED_KAFKA_PROPERTIES {
-        if kafka.contains_key(*owned) {
-            r.errors.push((
-                format!("kafka.{owned}"),
-                "is managed by txn-sidecar and cannot be overridden (use the dedicated setting)"
-                    .into(),
-            ));
-        }
-    }
+    check_kafka(r, &kafka, rebalance_grace);
     Some(Config {
         brokers,
         topics,
@@ -1141,5 +1466,388 @@ mod tests {
         .unwrap();
         assert_eq!(c.limits.max_txn_bytes, 1 << 20);
         assert_eq!(c.txn_timeout, Duration::from_secs(90));
+    }
+
+    fn keys_of(err: &ConfigError) -> Vec<&str> {
+        err.errors.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// Loads `topic = "t"` plus `pairs` as flags; the error's keys, or none.
+    fn refused_keys(pairs: &[(&str, &str)]) -> Vec<String> {
+        let mut all = vec![("topic", "t")];
+        all.extend_from_slice(pairs);
+        match Config::load(&flags(&all)) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors.into_iter().map(|(k, _)| k).collect(),
+        }
+    }
+
+    /// What the kubelet injects for a Service (see tests/common for the full form).
+    fn service_links(service: &str, ports: &[(&str, u16, &str)]) -> Vec<String> {
+        let n = service.to_ascii_uppercase().replace('-', "_");
+        let mut v = vec![
+            format!("{n}_SERVICE_HOST"),
+            format!("{n}_SERVICE_PORT"),
+            format!("{n}_PORT"),
+        ];
+        for (name, port, proto) in ports {
+            if !name.is_empty() {
+                v.push(format!(
+                    "{n}_SERVICE_PORT_{}",
+                    name.to_ascii_uppercase().replace('-', "_")
+                ));
+            }
+            let p = format!("{n}_PORT_{port}_{proto}");
+            v.extend([
+                p.clone(),
+                format!("{p}_PROTO"),
+                format!("{p}_PORT"),
+                format!("{p}_ADDR"),
+            ]);
+        }
+        v
+    }
+
+    #[test]
+    fn service_link_variables_never_become_settings_or_properties() {
+        // Services named like the sidecar, and like each section and setting of it.
+        let mut services = vec![
+            "txn-sidecar".to_string(),
+            "txn-sidecar-kafka".to_string(),
+            "txn-sidecar-admin".to_string(),
+            "txn-sidecar-kafka-sasl".to_string(),
+        ];
+        for k in KNOWN_KEYS {
+            services.push(format!("txn-sidecar-{}", k.replace(['.', '_'], "-")));
+        }
+        let ports = [
+            ("admin", 9464, "TCP"),
+            ("", 9092, "TCP"),
+            ("dns", 53, "UDP"),
+            ("x", 7, "SCTP"),
+        ];
+        for svc in &services {
+            for var in service_links(svc, &ports) {
+                assert!(is_service_link_variable(&var), "{var}");
+                assert_eq!(env_key(&var), None, "{var} would set a key");
+            }
+        }
+        // Real settings and properties still map.
+        assert_eq!(
+            env_key("TXN_SIDECAR_ADMIN_ADDR").as_deref(),
+            Some("admin.addr")
+        );
+        assert_eq!(
+            env_key("TXN_SIDECAR_APP_HEALTH_URL").as_deref(),
+            Some("app.health_url")
+        );
+        assert_eq!(
+            env_key("TXN_SIDECAR_KAFKA_SASL_USERNAME").as_deref(),
+            Some("kafka.sasl.username")
+        );
+        assert_eq!(
+            env_key("TXN_SIDECAR_KAFKA_SASL_KERBEROS_SERVICE_NAME").as_deref(),
+            Some("kafka.sasl.kerberos.service.name")
+        );
+        assert_eq!(env_key("TXN_SIDECAR_KAFKA_"), None);
+        assert_eq!(env_key("TXN_SIDECAR_SOMETHING_ELSE"), None);
+        assert_eq!(env_key("OTHER_ADMIN_ADDR"), None);
+    }
+
+    #[test]
+    fn no_setting_has_the_shape_of_a_service_link_variable() {
+        // A future key such as `admin.port` would be unsettable from the environment.
+        for k in KNOWN_KEYS {
+            let var = env_name(k);
+            assert!(!is_service_link_variable(&var), "{k} ({var})");
+            assert_eq!(env_key(&var).as_deref(), Some(*k));
+        }
+        // Nor does any librdkafka property this build knows.
+        let native = rdkafka::ClientConfig::new().create_native_config().unwrap();
+        for prop in [
+            "sasl.kerberos.service.name",
+            "ssl.endpoint.identification.algorithm",
+        ] {
+            assert!(native.get(prop).is_ok(), "{prop}");
+            let var = format!(
+                "TXN_SIDECAR_KAFKA_{}",
+                prop.replace('.', "_").to_ascii_uppercase()
+            );
+            assert!(!is_service_link_variable(&var), "{var}");
+        }
+    }
+
+    #[test]
+    fn an_environment_with_service_links_loads_the_same_config() {
+        let mut base = Sources::default();
+        base.flags.insert("topic".into(), "t".into());
+        base.env
+            .insert("TXN_SIDECAR_ADMIN_ADDR".into(), "0.0.0.0:9464".into());
+        base.env
+            .insert("TXN_SIDECAR_KAFKA_SASL_USERNAME".into(), "u".into());
+        let mut linked = base.clone();
+        for svc in ["txn-sidecar", "txn-sidecar-kafka", "txn-sidecar-admin"] {
+            for var in service_links(svc, &[("admin", 9464, "TCP"), ("kafka", 9092, "TCP")]) {
+                let value = if var.ends_with("_PORT") && !var.contains("_TCP") {
+                    "tcp://10.96.0.12:9464"
+                } else {
+                    "10.96.0.12"
+                };
+                linked.env.insert(var, value.into());
+            }
+        }
+        assert!(linked.env.contains_key("TXN_SIDECAR_KAFKA_SERVICE_HOST"));
+        assert!(linked.env.contains_key("TXN_SIDECAR_ADMIN_PORT"));
+        let (a, b) = (Config::load(&base).unwrap(), Config::load(&linked).unwrap());
+        assert_eq!(a.redacted_toml(), b.redacted_toml());
+        assert_eq!(b.admin.addr.to_string(), "0.0.0.0:9464");
+        assert_eq!(b.kafka.len(), 1, "{:?}", b.kafka);
+    }
+
+    #[test]
+    fn an_admin_token_blank_after_interpolation_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let from_file = format!("${{file:{}}}", empty.display());
+        for t in [from_file.as_str(), "   ", "\t", " tok", "tok "] {
+            assert_eq!(
+                refused_keys(&[("admin.token", t)]),
+                ["admin.token"],
+                "{t:?}"
+            );
+        }
+        // An empty literal means unset (the endpoint is disabled); a token is a token.
+        let c = Config::load(&flags(&[("topic", "t"), ("admin.token", "")])).unwrap();
+        assert!(c.admin.token.is_none());
+        assert!(refused_keys(&[("admin.token", "tok")]).is_empty());
+    }
+
+    #[test]
+    fn a_duration_longer_than_the_clocks_take_is_an_error() {
+        let keys = [
+            "txn_timeout",
+            "commit_interval",
+            "shutdown_grace",
+            "rebalance_grace",
+            "app.timeout",
+            "retry.initial_backoff",
+            "retry.max_backoff",
+            "retry.max_elapsed",
+        ];
+        for k in keys {
+            assert_eq!(refused_keys(&[(k, "25d")]), [k]);
+            assert_eq!(refused_keys(&[(k, "500000000y")]), [k]);
+        }
+        assert!(refused_keys(&[("txn_timeout", "24d"), ("retry.max_elapsed", "24d")]).is_empty());
+        // Every one of them fits the clocks it feeds.
+        assert!(MAX_DURATION.as_millis() <= i32::MAX as u128);
+        assert!(std::time::Instant::now()
+            .checked_add(MAX_DURATION * 2)
+            .is_some());
+        // A bare number of seconds from the file, as large as TOML allows.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "topic = \"t\"\ncommit_interval = 9223372036854775807\n",
+        )
+        .unwrap();
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(keys_of(&err), ["commit_interval"]);
+    }
+
+    #[test]
+    fn marker_header_names_are_distinct() {
+        assert_eq!(
+            refused_keys(&[("headers.type", "txn-id")]),
+            ["headers.type"]
+        );
+        assert_eq!(
+            refused_keys(&[("headers.count", "txn-id")]),
+            ["headers.count"]
+        );
+        assert_eq!(
+            refused_keys(&[("headers.count", "txn-type")]),
+            ["headers.count"]
+        );
+        assert_eq!(
+            refused_keys(&[
+                ("headers.id", "h"),
+                ("headers.type", "h"),
+                ("headers.count", "h")
+            ]),
+            ["headers.type", "headers.count"]
+        );
+        assert_eq!(
+            refused_keys(&[("headers.id", "txn-dlq-source")]),
+            ["headers.id"]
+        );
+        assert!(
+            refused_keys(&[("headers.id", "Txn-Id")]).is_empty(),
+            "names are case-sensitive"
+        );
+    }
+
+    #[test]
+    fn a_transactional_id_is_an_error() {
+        assert_eq!(
+            refused_keys(&[("kafka.transactional.id", "orders")]),
+            ["kafka.transactional.id"]
+        );
+    }
+
+    #[test]
+    fn auto_offset_reset_must_not_skip_or_stop() {
+        for v in ["latest", "largest", "end", "Latest", "none", "error"] {
+            assert_eq!(
+                refused_keys(&[("kafka.auto.offset.reset", v)]),
+                ["kafka.auto.offset.reset"],
+                "{v}"
+            );
+        }
+        for v in ["earliest", "smallest", "beginning"] {
+            assert!(
+                refused_keys(&[("kafka.auto.offset.reset", v)]).is_empty(),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_poll_interval_must_outlast_a_revoke() {
+        assert_eq!(
+            refused_keys(&[("kafka.max.poll.interval.ms", "14999")]),
+            ["kafka.max.poll.interval.ms"]
+        );
+        assert!(refused_keys(&[("kafka.max.poll.interval.ms", "15000")]).is_empty());
+        assert!(refused_keys(&[
+            ("kafka.max.poll.interval.ms", "7000"),
+            ("rebalance_grace", "2s")
+        ])
+        .is_empty());
+        assert_eq!(
+            refused_keys(&[("rebalance_grace", "296s")]),
+            ["rebalance_grace"]
+        );
+        assert!(refused_keys(&[("rebalance_grace", "295s")]).is_empty());
+        // Not a number: librdkafka's own check names it.
+        assert_eq!(
+            refused_keys(&[("kafka.max.poll.interval.ms", "soon")]),
+            ["kafka.max.poll.interval.ms"]
+        );
+    }
+
+    #[test]
+    fn enable_partition_eof_is_owned() {
+        for v in ["true", "false"] {
+            assert_eq!(
+                refused_keys(&[("kafka.enable.partition.eof", v)]),
+                ["kafka.enable.partition.eof"]
+            );
+        }
+    }
+
+    #[test]
+    fn kip848_refuses_the_classic_only_properties() {
+        let kip848 = ("kafka.group.protocol", "consumer");
+        for p in [
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "partition.assignment.strategy",
+            "group.protocol.type",
+        ] {
+            let key = format!("kafka.{p}");
+            let value = match p {
+                "partition.assignment.strategy" => "range",
+                "group.protocol.type" => "consumer",
+                _ => "6000",
+            };
+            assert_eq!(refused_keys(&[kip848, (&key, value)]), [key.as_str()]);
+            assert!(
+                refused_keys(&[(&key, value)]).is_empty(),
+                "{p} is fine for classic"
+            );
+        }
+        let c = Config::load(&flags(&[
+            ("topic", "t"),
+            ("kafka.group.protocol", " Consumer"),
+        ]));
+        assert_eq!(c.unwrap().group_protocol(), GroupProtocol::Consumer);
+        assert_eq!(
+            Config::for_topic("b", "t").group_protocol(),
+            GroupProtocol::Classic
+        );
+        assert!(refused_keys(&[kip848, ("kafka.group.remote.assignor", "uniform")]).is_empty());
+    }
+
+    #[test]
+    fn librdkafka_refusals_name_the_property_and_its_origin() {
+        let mut s = flags(&[("topic", "t"), ("kafka.no.such.property", "1")]);
+        s.env
+            .insert("TXN_SIDECAR_KAFKA_FETCH_WAIT_MAX_MS".into(), "soon".into());
+        let err = Config::load(&s).unwrap_err();
+        assert_eq!(
+            keys_of(&err),
+            ["kafka.fetch.wait.max.ms", "kafka.no.such.property"]
+        );
+        let line = err.to_string();
+        assert!(
+            line.contains("(from env TXN_SIDECAR_KAFKA_FETCH_WAIT_MAX_MS)"),
+            "{line}"
+        );
+        assert!(line.contains("(from a command-line flag)"), "{line}");
+    }
+
+    #[test]
+    fn integers_in_the_file_are_numbers_and_bare_durations_are_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "topic = \"t\"\ntxn_timeout = 90\n[retry]\nmax_attempts = 3\n[limits]\nmax_tasks_per_txn = 100\n",
+        )
+        .unwrap();
+        let c = Config::load(&Sources {
+            file: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.txn_timeout, Duration::from_secs(90));
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.limits.max_tasks_per_txn, 100);
+        std::fs::write(
+            &path,
+            "topic = \"t\"\ntxn_timeout = -1\n[retry]\nmax_attempts = -3\n",
+        )
+        .unwrap();
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(keys_of(&err), ["txn_timeout", "retry.max_attempts"]);
+    }
+
+    #[test]
+    fn a_toml_syntax_error_is_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "topic = \"t\"\ntxn_timeout = 18446744073709551615\n").unwrap();
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("invalid config: config: TOML parse error at line 2"),
+            "{line}"
+        );
     }
 }

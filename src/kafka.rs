@@ -1,7 +1,9 @@
 //! librdkafka plumbing: client configs, and reading a consumed message as a record.
 //!
-//! Consumers read with `isolation.level=read_committed`, manual offset commits and
-//! cooperative-sticky assignment; any `kafka.*` property passes through on top.
+//! Consumers read with `isolation.level=read_committed`, manual offset commits,
+//! partition EOF events and cooperative-sticky assignment (under the classic group
+//! protocol; KIP-848's broker-side assignment is cooperative by design); any `kafka.*`
+//! property passes through on top.
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
@@ -10,7 +12,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::TopicPartitionList;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, GroupProtocol};
 use crate::protocol::{self, HeaderRef, RecordRef};
 
 /// Properties every client gets: brokers, then the user's `kafka.*` table.
@@ -32,7 +34,10 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c.set("isolation.level", "read_committed");
-    let kip848 = cfg.kafka.get("group.protocol").map(String::as_str) == Some("consumer");
+    c.set("enable.partition.eof", "true");
+    // Under KIP-848 the broker assigns partitions and sets session and heartbeat timing;
+    // librdkafka refuses the client-side properties (config validation names them).
+    let kip848 = cfg.group_protocol() == GroupProtocol::Consumer;
     if !cfg.kafka.contains_key("partition.assignment.strategy") && !kip848 {
         c.set("partition.assignment.strategy", "cooperative-sticky");
     }
@@ -64,7 +69,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .get("session.timeout.ms")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(45_000);
-    if !cfg.kafka.contains_key("heartbeat.interval.ms") && session_ms > 3_000 {
+    if !cfg.kafka.contains_key("heartbeat.interval.ms") && session_ms > 3_000 && !kip848 {
         // A member learns of a rebalance at its next heartbeat; librdkafka's 3 s default
         // adds up to 3 s to every handoff, a 1 s heartbeat at most 1 s.
         c.set("heartbeat.interval.ms", "1000");
@@ -96,6 +101,7 @@ fn is_producer_safe(key: &str) -> bool {
         "max.poll.interval.ms",
         "partition.assignment.strategy",
         "group.protocol",
+        "group.protocol.type",
         "group.instance.id",
         "group.remote.assignor",
         "auto.offset.reset",
@@ -240,6 +246,40 @@ mod tests {
         ]));
         assert_eq!(c.get("fetch.wait.max.ms"), Some("500"));
         assert_eq!(c.get("fetch.queue.backoff.ms"), Some("1000"));
+    }
+
+    #[test]
+    fn the_sidecar_reads_partition_eof_events() {
+        assert_eq!(
+            consumer_config(&cfg(&[])).get("enable.partition.eof"),
+            Some("true")
+        );
+    }
+
+    #[test]
+    fn kip848_consumers_get_no_classic_only_property_and_librdkafka_takes_them() {
+        use crate::config::GroupProtocol;
+        use rdkafka::consumer::BaseConsumer;
+        let c = cfg(&[("group.protocol", "consumer")]);
+        assert_eq!(c.group_protocol(), GroupProtocol::Consumer);
+        let mut cc = consumer_config(&c);
+        for k in [
+            "heartbeat.interval.ms",
+            "session.timeout.ms",
+            "partition.assignment.strategy",
+            "group.protocol.type",
+        ] {
+            assert_eq!(cc.get(k), None, "{k}");
+        }
+        // librdkafka refuses a classic-only property only when the client is created: do
+        // it (no broker needed; nothing listens on port 1).
+        cc.set("bootstrap.servers", "127.0.0.1:1");
+        let consumer: Result<BaseConsumer, _> = cc.create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
+        let mut classic = consumer_config(&cfg(&[]));
+        classic.set("bootstrap.servers", "127.0.0.1:1");
+        let consumer: Result<BaseConsumer, _> = classic.create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
     }
 
     #[test]

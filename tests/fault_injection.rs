@@ -8,24 +8,27 @@
 //! or if duplicates after SIGKILLs exceed what the kills could provably cause (requests
 //! in flight at the kill plus deliveries the victim had not yet committed).
 //!
-//! `cargo test --test fault_injection` runs the short form (about a minute);
+//! `cargo test --test fault_injection` runs the short form (about a minute) under each
+//! group protocol, classic and KIP-848 (`group.protocol=consumer`), one after the other;
 //! `TXN_SIDECAR_FAULT_LONG=1` selects the long form (minutes, thousands of transactions);
-//! `TXN_SIDECAR_FAULT_SEED=<n>` changes the seed. `scripts/fault-suite.sh [--long]` runs
-//! either and prints the report. See RELIABILITY.md for what the figures mean.
+//! `TXN_SIDECAR_FAULT_SEED=<n>` changes the seed. `scripts/fault-suite.sh [--long]
+//! [--protocol classic|consumer]` runs either and prints the report. See RELIABILITY.md
+//! for what the figures mean.
 
 mod common;
 mod fault;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
-use fault::runner::{self, Profile};
+use fault::runner::{self, GroupProtocol, Profile};
 use fault::schedule;
 use fault::workload::Shape;
 
 const SHORT_SEED: u64 = 4;
 const LONG_SEED: u64 = 20_261_123;
 
-fn profile() -> Profile {
+fn profile(protocol: GroupProtocol) -> Profile {
     let long = std::env::var("TXN_SIDECAR_FAULT_LONG").is_ok_and(|v| v == "1" || v == "true");
     let seed_env = std::env::var("TXN_SIDECAR_FAULT_SEED")
         .ok()
@@ -33,7 +36,11 @@ fn profile() -> Profile {
     if long {
         let seed = seed_env.unwrap_or(LONG_SEED);
         Profile {
-            name: "long",
+            name: match protocol {
+                GroupProtocol::Classic => "long",
+                GroupProtocol::Consumer => "long-kip848",
+            },
+            protocol,
             seed,
             shape: Shape {
                 transactions: 6000,
@@ -50,7 +57,11 @@ fn profile() -> Profile {
     } else {
         let seed = seed_env.unwrap_or(SHORT_SEED);
         Profile {
-            name: "short",
+            name: match protocol {
+                GroupProtocol::Classic => "short",
+                GroupProtocol::Consumer => "short-kip848",
+            },
+            protocol,
             seed,
             shape: Shape {
                 transactions: 400,
@@ -67,11 +78,29 @@ fn profile() -> Profile {
     }
 }
 
+/// The suites run one at a time: each loads both cores with its sidecars.
+static ONE_SUITE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn fault_injection_suite() {
-    let p = profile();
+    suite(GroupProtocol::Classic);
+}
+
+#[test]
+fn kip848_fault_injection_suite() {
+    suite(GroupProtocol::Consumer);
+}
+
+fn suite(protocol: GroupProtocol) {
+    let _one = ONE_SUITE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let p = profile(protocol);
     println!("fault-injection suite, {} form, seed {}", p.name, p.seed);
-    println!("sidecar flags: {}", runner::sidecar_args().join(" "));
+    println!(
+        "sidecar flags: {}",
+        runner::sidecar_args(protocol).join(" ")
+    );
     println!("schedule (after slots {:?} start):", p.schedule.initial);
     for (i, s) in p.schedule.steps.iter().enumerate() {
         println!("  step {:>2} after {:>5} ms: {}", i + 1, s.gap_ms, s.action);

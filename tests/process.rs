@@ -20,7 +20,15 @@ struct Proc {
 
 impl Proc {
     fn spawn(brokers: &str, app_url: &str) -> Proc {
+        Proc::spawn_with(GroupProtocol::Classic, brokers, app_url)
+    }
+
+    fn spawn_with(protocol: GroupProtocol, brokers: &str, app_url: &str) -> Proc {
         let admin = format!("127.0.0.1:{}", free_port());
+        let group: Vec<String> = txn_sidecar::embedded::fast_group_properties(protocol)
+            .iter()
+            .flat_map(|(k, v)| ["-X".to_string(), format!("{k}={v}")])
+            .collect();
         let child = Command::new(BIN)
             .args([
                 "run",
@@ -34,14 +42,8 @@ impl Proc {
                 app_url,
             ])
             .args(["--admin-addr", &admin, "--log-format", "text"])
-            .args([
-                "--set",
-                "commit_interval=200ms",
-                "-X",
-                "session.timeout.ms=6000",
-                "-X",
-                "heartbeat.interval.ms=500",
-            ])
+            .args(["--set", "commit_interval=200ms"])
+            .args(&group)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -94,9 +96,20 @@ impl Drop for Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_the_next_process_delivers_the_whole_transaction() {
+    kill_9_loses_nothing(GroupProtocol::Classic).await;
+}
+
+/// The same under KIP-848: the killed member's partition moves once the broker-side
+/// session (6 s on the embedded cluster) expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kip848_kill_9_loses_nothing_the_next_process_delivers_the_whole_transaction() {
+    kill_9_loses_nothing(GroupProtocol::Consumer).await;
+}
+
+async fn kill_9_loses_nothing(protocol: GroupProtocol) {
     let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
-    let mut p1 = Proc::spawn(&kafka.brokers, &app.url());
+    let mut p1 = Proc::spawn_with(protocol, &kafka.brokers, &app.url());
     kafka.task(T, 0, "done", "0");
     kafka.commit(T, 0, "done");
     kafka.task(T, 0, "t", "1");
@@ -123,7 +136,7 @@ async fn kill_9_loses_nothing_the_next_process_delivers_the_whole_transaction() 
 
     kafka.task(T, 0, "t", "3");
     kafka.commit(T, 0, "t");
-    let _p2 = Proc::spawn(&kafka.brokers, &app.url());
+    let _p2 = Proc::spawn_with(protocol, &kafka.brokers, &app.url());
     let got = app.wait_accepted(2, Duration::from_secs(60)).await;
     assert_eq!(app.accepted_ids(), vec!["done", "t"]);
     assert_eq!(got[1].task_values(), vec![json!(1), json!(2), json!(3)]);

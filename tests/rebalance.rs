@@ -1,5 +1,7 @@
 //! Rebalances: members joining and leaving mid-stream never cause partial, lost or
 //! duplicate deliveries (graceful handoffs carry the skip set in the commit metadata).
+//! Each scenario runs under both group protocols: classic (cooperative-sticky) and
+//! KIP-848 (`group.protocol=consumer`, broker-side assignment).
 
 mod common;
 
@@ -41,9 +43,18 @@ fn check_whole(app: &RecordingApp, n: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_transactions() {
+    join_and_leave(GroupProtocol::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kip848_members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_transactions() {
+    join_and_leave(GroupProtocol::Consumer).await;
+}
+
+async fn join_and_leave(protocol: GroupProtocol) {
     let kafka = Kafka::start(&[(T, 3), ("orders.tx.dlq", 3)]);
     let app = RecordingApp::start().await;
-    let cfg = || config(&kafka.brokers, T, &app.url(), &[]);
+    let cfg = || config_with(protocol, &kafka.brokers, T, &app.url(), &[]);
     let s1 = txn_sidecar::start(cfg()).await.unwrap();
     produce_batch(&kafka, 0, 60);
     app.wait_accepted(20, Duration::from_secs(30)).await;
@@ -99,9 +110,21 @@ async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_tra
 /// next owner does not redeliver what it already delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_during_a_rebalance_commits_before_it_leaves() {
+    stopped_during_a_rebalance(GroupProtocol::Classic).await;
+}
+
+/// Under KIP-848 the member learns of the new assignment at its next heartbeat and
+/// revokes (committing) before it acknowledges; a stop inside that window must still
+/// leave nothing for the next owner to redeliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kip848_a_member_stopped_during_a_rebalance_commits_before_it_leaves() {
+    stopped_during_a_rebalance(GroupProtocol::Consumer).await;
+}
+
+async fn stopped_during_a_rebalance(protocol: GroupProtocol) {
     let kafka = Kafka::start(&[(T, 3), ("orders.tx.dlq", 3)]);
     let app = RecordingApp::start().await;
-    let cfg = || config(&kafka.brokers, T, &app.url(), &[]);
+    let cfg = || config_with(protocol, &kafka.brokers, T, &app.url(), &[]);
     let s1 = txn_sidecar::start(cfg()).await.unwrap();
     produce_batch(&kafka, 0, 30);
     app.wait_accepted(30, Duration::from_secs(30)).await;

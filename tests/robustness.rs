@@ -403,6 +403,8 @@ async fn an_app_slower_than_max_poll_interval_causes_no_rebalance() {
         &app.url(),
         &[
             ("kafka.max.poll.interval.ms", "7000"),
+            // A revoke may take rebalance_grace + 5 s, which must fit the interval.
+            ("rebalance_grace", "2s"),
             ("limits.max_queued_per_partition", "2"),
         ],
     );

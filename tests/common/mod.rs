@@ -17,8 +17,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+pub use txn_sidecar::config::GroupProtocol;
 use txn_sidecar::config::{Config, Sources};
-use txn_sidecar::embedded::{EmbeddedKafka, FAST_GROUP_PROPERTIES};
+use txn_sidecar::embedded::{fast_group_properties, EmbeddedKafka};
 
 /// A loopback port that was free a moment ago, for a process that binds it itself.
 pub fn free_port() -> u16 {
@@ -235,6 +236,18 @@ pub struct ReadRecord {
 
 /// A config for tests: fast group timing, quick commits, admin on a free port.
 pub fn config(brokers: &str, topic: &str, app_url: &str, extra: &[(&str, &str)]) -> Config {
+    config_with(GroupProtocol::Classic, brokers, topic, app_url, extra)
+}
+
+/// [`config`] under a group protocol: KIP-848 (`Consumer`) takes its group timing from
+/// the embedded cluster and refuses the classic session and heartbeat properties.
+pub fn config_with(
+    protocol: GroupProtocol,
+    brokers: &str,
+    topic: &str,
+    app_url: &str,
+    extra: &[(&str, &str)],
+) -> Config {
     let mut s = Sources::default();
     for (k, v) in [
         ("brokers", brokers),
@@ -249,7 +262,7 @@ pub fn config(brokers: &str, topic: &str, app_url: &str, extra: &[(&str, &str)])
     ] {
         s.flags.insert(k.into(), v.into());
     }
-    for (k, v) in FAST_GROUP_PROPERTIES {
+    for (k, v) in fast_group_properties(protocol) {
         s.flags.insert(format!("kafka.{k}"), v.to_string());
     }
     for (k, v) in extra {
@@ -453,4 +466,215 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     })
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_txn-sidecar");
+
+/// What a finished `txn-sidecar` process left.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `txn-sidecar <args>` to completion (at most 20 s) with `env` on top of the
+/// test's environment less every `TXN_SIDECAR_*` variable.
+pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Finished {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TXN_SIDECAR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let mut child = cmd.spawn().expect("spawn txn-sidecar");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "txn-sidecar {args:?} did not exit within 20 s: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    }
+}
+
+/// A `txn-sidecar run` process whose stderr goes to a log file (a pipe nobody reads
+/// would fill up and block it).
+pub struct SidecarProcess {
+    child: std::process::Child,
+    pub admin: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SidecarProcess {
+    /// `txn-sidecar run <args>` with `env` on top of the test's environment less every
+    /// `TXN_SIDECAR_*` variable; `admin` is where its admin server will listen (the
+    /// caller passes it in `args` or `env`).
+    pub fn spawn(admin: SocketAddr, args: &[String], env: &[(String, String)]) -> SidecarProcess {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sidecar.log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TXN_SIDECAR_") {
+                cmd.env_remove(k);
+            }
+        }
+        if !env.iter().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let child = cmd.spawn().expect("spawn txn-sidecar run");
+        SidecarProcess {
+            child,
+            admin,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GETs an admin path; `None` while nothing answers.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::get(format!("http://{}{path}", self.admin))
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.unwrap_or_default()))
+    }
+
+    /// Waits for `/readyz` to answer 200 (joined the group, the app answers).
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.get("/readyz").await {
+                return;
+            }
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!(
+                    "txn-sidecar exited ({s}) before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready within {timeout:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The partitions it owns, from `/v1/partitions`, as (topic, partition).
+    pub async fn partitions(&self) -> Vec<(String, i32)> {
+        let Some((200, body)) = self.get("/v1/partitions").await else {
+            return Vec::new();
+        };
+        let v: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        v.iter()
+            .map(|p| {
+                (
+                    p["topic"].as_str().unwrap_or_default().to_string(),
+                    p["partition"].as_i64().unwrap_or(-1) as i32,
+                )
+            })
+            .collect()
+    }
+
+    /// SIGTERM (with `kill`, as an operator would), then the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {timeout:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The variables the kubelet injects into every container for a Service named
+/// `service` with cluster IP `ip` and `ports` (name, port, protocol), as
+/// `pkg/kubelet/envvars` writes them: `<SVC>_SERVICE_HOST`, `<SVC>_SERVICE_PORT`,
+/// `<SVC>_SERVICE_PORT_<NAME>` per named port, `<SVC>_PORT` (first port as a URL), and
+/// per port `<SVC>_PORT_<n>_<PROTO>` with `_PROTO`, `_PORT` and `_ADDR`.
+pub fn service_link_env(
+    service: &str,
+    ip: &str,
+    ports: &[(&str, u16, &str)],
+) -> Vec<(String, String)> {
+    let name = service.to_ascii_uppercase().replace('-', "_");
+    let mut v = vec![(format!("{name}_SERVICE_HOST"), ip.to_string())];
+    let (_, first, first_proto) = ports[0];
+    v.push((format!("{name}_SERVICE_PORT"), first.to_string()));
+    for (pname, port, _) in ports {
+        if !pname.is_empty() {
+            v.push((
+                format!(
+                    "{name}_SERVICE_PORT_{}",
+                    pname.to_ascii_uppercase().replace('-', "_")
+                ),
+                port.to_string(),
+            ));
+        }
+    }
+    v.push((
+        format!("{name}_PORT"),
+        format!("{}://{ip}:{first}", first_proto.to_ascii_lowercase()),
+    ));
+    for (_, port, proto) in ports {
+        let prefix = format!("{name}_PORT_{port}_{}", proto.to_ascii_uppercase());
+        let lower = proto.to_ascii_lowercase();
+        v.push((prefix.clone(), format!("{lower}://{ip}:{port}")));
+        v.push((format!("{prefix}_PROTO"), lower));
+        v.push((format!("{prefix}_PORT"), port.to_string()));
+        v.push((format!("{prefix}_ADDR"), ip.to_string()));
+    }
+    v
 }

@@ -353,6 +353,9 @@ def check_sidecar_pod(
     limit = quantity_bytes(res["limits"]["memory"])
     assert limit > need, f"memory limit {res['limits']['memory']} <= staged budget {staged} + {need - staged}"
     assert spec.get("automountServiceAccountToken") is False
+    # No service-link variables (TXN_SIDECAR_KAFKA_SERVICE_HOST for a Service named
+    # txn-sidecar-kafka, ...): the sidecar ignores them, and nothing should need them.
+    assert spec.get("enableServiceLinks") is False, "enableServiceLinks: false"
     return config
 
 

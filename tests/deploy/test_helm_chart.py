@@ -259,6 +259,13 @@ def test_adminaddr_port_drives_container_port_and_probes(chart) -> None:
     assert side["ports"] == [{"name": "admin", "containerPort": 9500, "protocol": "TCP"}]
 
 
+def test_service_links_are_off_unless_asked_for(chart) -> None:
+    # check_sidecar_pod asserts enableServiceLinks: false for every render above.
+    values = _values(CHART / "ci" / "defaults-values.yaml")
+    values["enableServiceLinks"] = True
+    assert pod_spec(one(_render(chart, values), "Deployment"))["enableServiceLinks"] is True
+
+
 # ---------------------------------------------------------------- values.schema.json
 
 

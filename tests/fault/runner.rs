@@ -10,6 +10,8 @@ use super::procs::{metric, Broker, CommittedPos, GroupReader, Sidecar, SidecarSe
 use super::report::{self, Evidence, KillRecord, Report};
 use super::schedule::{Action, Schedule};
 use super::workload::{self, Plan, ProducerRun, Shape};
+pub use txn_sidecar::config::GroupProtocol;
+use txn_sidecar::embedded::fast_group_properties;
 
 pub const TOPIC: &str = "fault.tx";
 pub const DLQ: &str = "fault.tx.dlq";
@@ -26,6 +28,8 @@ pub struct Profile {
     pub schedule: Schedule,
     /// How long the group may take to deliver everything after the schedule.
     pub settle_timeout: Duration,
+    /// The consumer group protocol every sidecar uses.
+    pub protocol: GroupProtocol,
 }
 
 /// The key of a committed transaction: what `Idempotency-Key` carries.
@@ -36,8 +40,8 @@ pub fn key(r: &Req) -> Key {
 }
 
 /// The sidecar settings of the suite (also printed in the report).
-pub fn sidecar_args() -> Vec<String> {
-    [
+pub fn sidecar_args(protocol: GroupProtocol) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--set",
         "commit_interval=100ms",
         "--set",
@@ -54,14 +58,17 @@ pub fn sidecar_args() -> Vec<String> {
         "retry.max_elapsed=10m",
         "--set",
         "app.timeout=10s",
-        "-X",
-        "session.timeout.ms=6000",
-        "-X",
-        "heartbeat.interval.ms=500",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    // Classic: session.timeout.ms=6000, heartbeat.interval.ms=500. KIP-848: the broker's
+    // (the embedded cluster sets the same 6 s and 500 ms).
+    for (k, v) in fast_group_properties(protocol) {
+        args.push("-X".into());
+        args.push(format!("{k}={v}"));
+    }
+    args
 }
 
 struct Runner {
@@ -388,7 +395,7 @@ pub fn run(profile: &Profile) -> Report {
         brokers: broker.bootstrap.clone(),
         topic: TOPIC.into(),
         group: GROUP.into(),
-        extra: sidecar_args(),
+        extra: sidecar_args(profile.protocol),
     };
     let reader = GroupReader::new(&broker.bootstrap, GROUP, TOPIC, parts);
     let mut r = Runner {
