@@ -443,7 +443,7 @@ async fn two_processes_hand_over_a_partition(protocol: GroupProtocol) {
                 let g = &group;
                 wait_until(WAIT, "a periodic commit with the skip set", || {
                     let (o, m) = k.committed(g, T, p);
-                    o == Some(0) && m.starts_with("txs1:")
+                    o == Some(0) && m.starts_with("txs2:")
                 })
                 .await;
             }
@@ -474,7 +474,7 @@ async fn two_processes_hand_over_a_partition(protocol: GroupProtocol) {
     // transaction, with the skip set.
     let (offset, metadata) = kafka.committed(&group, T, moved);
     assert_eq!(offset, Some(0), "committed on revoke");
-    assert!(metadata.starts_with("txs1:"), "skip set: {metadata:?}");
+    assert!(metadata.starts_with("txs2:"), "skip set: {metadata:?}");
     assert!(
         p1.log()
             .lines()

@@ -152,11 +152,10 @@ pub fn consume(
     engine: Arc<Mutex<Engine>>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
-    let mut client = kafka::consumer_config(cfg);
-    // The expiry clock's end-of-log signal (see `Engine::caught_up`).
-    client.set("enable.partition.eof", "true");
+    // `kafka::consumer_config` sets `enable.partition.eof`: the expiry clock's end-of-log
+    // signal (see `Engine::caught_up`).
     let consumer: BaseConsumer<SidecarContext> =
-        client.create_with_context(SidecarContext::new(engine.clone()))?;
+        kafka::consumer_config(cfg).create_with_context(SidecarContext::new(engine.clone()))?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     info!(topics = ?cfg.topics, group = %cfg.group, brokers = %cfg.brokers, "consuming");

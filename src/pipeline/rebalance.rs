@@ -357,6 +357,14 @@ impl ClientContext for SidecarContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // The end of a partition is the expiry clock's signal, delivered through poll
+        // (`enable.partition.eof`), not a fault.
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return;
+        }
         warn!(error = %error, "kafka: {reason}");
     }
 }
