@@ -145,6 +145,9 @@ pub struct Metrics {
     pub offset_commits: Family<ResultLabel, Counter>,
     /// Finished transactions left out of the skip set because the metadata was full.
     pub skip_set_overflow: Counter,
+    /// 1 once the broker was seen dropping offset-commit metadata (the skip set and
+    /// tombstones do not survive a handoff there: plain at-least-once).
+    pub commit_metadata_dropped: Gauge,
     /// Ids remembered as dead (tombstones) until their marker.
     pub tombstones: Gauge,
     /// Tombstones forgotten before their marker, by why (`silent`, `capacity`).
@@ -189,6 +192,7 @@ impl Metrics {
             commit_lag: Family::default(),
             offset_commits: Family::default(),
             skip_set_overflow: Counter::default(),
+            commit_metadata_dropped: Gauge::default(),
             tombstones: Gauge::default(),
             tombstones_forgotten: Family::default(),
             offset_gaps: Family::default(),
@@ -281,6 +285,11 @@ impl Metrics {
             m.offset_commits.clone(),
         );
         registry.register("skip_set_overflow", "Finished transactions that did not fit into the offset-commit metadata and may be redelivered after a handoff", m.skip_set_overflow.clone());
+        registry.register(
+            "commit_metadata_dropped",
+            "1 when the broker returned an offset commit without the metadata the sidecar wrote: skip sets and tombstones do not survive a handoff, delivery is plain at-least-once with the stable Idempotency-Key",
+            m.commit_metadata_dropped.clone(),
+        );
         registry.register(
             "tombstones",
             "Transaction ids dead-lettered while open whose later records follow them to the dead-letter topic until their marker",

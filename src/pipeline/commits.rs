@@ -10,7 +10,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::Engine;
+use super::{Engine, Part};
+use crate::offsets::CommitPoint;
 use crate::telemetry::ResultLabel;
 
 impl Engine {
@@ -50,6 +51,7 @@ impl Engine {
                 for (t, n, cp) in points {
                     if let Some(p) = self.part_mut(&t, n) {
                         p.machine.committed(cp.offset);
+                        note_metadata(p, &cp);
                     }
                     info!(topic = %t, partition = n, offset = cp.offset, "committed safe offset");
                 }
@@ -87,6 +89,7 @@ impl Engine {
                 }
                 if add_offset(&mut tpl, m.topic(), m.partition(), cp.offset, &cp.metadata).is_ok() {
                     m.committed(cp.offset);
+                    note_metadata(p, &cp);
                 }
             }
         }
@@ -97,6 +100,46 @@ impl Engine {
                     .get_or_create(&ResultLabel { result: "error" })
                     .inc();
                 warn!(error = %e, "offset commit could not be sent");
+            }
+        }
+    }
+
+    /// Reads back, once per partition, a commit this member sent (its metadata names the
+    /// offset, and the skip set and tombstones when there are any). A broker that returns the offset without the metadata keeps no skip
+    /// set across a handoff: logged once and shown by `commit_metadata_dropped`.
+    pub(super) fn check_metadata_kept<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let mut tpl = TopicPartitionList::new();
+        for p in self.all_parts() {
+            if !p.metadata_checked && !p.sent.is_empty() {
+                tpl.add_partition(p.machine.topic(), p.machine.partition());
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let Ok(read) = consumer.committed_offsets(tpl, std::time::Duration::from_secs(2)) else {
+            return;
+        };
+        for el in read.elements() {
+            let Offset::Offset(offset) = el.offset() else {
+                continue;
+            };
+            let metadata = crate::kafka::safe_metadata(&el);
+            let topic = el.topic().to_string();
+            let partition = el.partition();
+            let Some(p) = self.part_mut(&topic, partition) else {
+                continue;
+            };
+            // Only a read of a commit this member sent says anything.
+            if !p.sent.contains(&offset) {
+                continue;
+            }
+            p.sent.clear();
+            p.metadata_checked = true;
+            if metadata.is_empty() && !self.metadata_dropped {
+                self.metadata_dropped = true;
+                self.metrics.commit_metadata_dropped.set(1);
+                warn!(topic = %topic, partition, offset, "the broker dropped the offset-commit metadata: skip sets and tombstones do not survive a handoff here, delivery is plain at-least-once with the stable Idempotency-Key");
             }
         }
     }
@@ -150,6 +193,17 @@ impl Engine {
                 Some(RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::IllegalGeneration)
             ),
         }
+    }
+}
+
+/// Remembers a commit (every commit carries metadata, `txs2:<offset>:` at least), to read
+/// one back once.
+fn note_metadata(p: &mut Part, cp: &CommitPoint) {
+    if !p.metadata_checked && !cp.metadata.is_empty() {
+        if p.sent.len() >= 32 {
+            p.sent.pop_front();
+        }
+        p.sent.push_back(cp.offset);
     }
 }
 

@@ -86,6 +86,10 @@ pub(crate) struct Part {
     /// When the log end was last asked for directly (see [`Engine::caught_up`]).
     last_end_query: Option<Instant>,
     consumer_lag: i64,
+    /// Offsets recently committed with metadata, until one is read back (see
+    /// [`Engine::check_metadata_kept`]).
+    sent: std::collections::VecDeque<i64>,
+    metadata_checked: bool,
 }
 
 /// Everything the consumer thread and the rebalance callbacks share.
@@ -114,6 +118,8 @@ pub struct Engine {
     snapshot: Arc<Mutex<Snapshot>>,
     commands: Receiver<AdminCommand>,
     shutting_down: bool,
+    /// The broker was seen dropping offset-commit metadata (logged once).
+    metadata_dropped: bool,
 }
 
 impl Engine {
@@ -154,6 +160,7 @@ impl Engine {
             snapshot,
             commands,
             shutting_down: false,
+            metadata_dropped: false,
         }
     }
 

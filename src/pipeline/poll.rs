@@ -36,6 +36,10 @@ impl Engine {
             if refresh {
                 self.last_refresh = now;
             }
+            if refresh {
+                // Before sending again: the last commits have landed by now.
+                self.check_metadata_kept(consumer);
+            }
             self.commit_async(consumer, refresh);
         }
         if now.duration_since(self.last_expiry) >= Duration::from_secs(1) {

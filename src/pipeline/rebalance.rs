@@ -147,6 +147,8 @@ impl Engine {
                 at_end: false,
                 last_end_query: None,
                 consumer_lag: 0,
+                sent: Default::default(),
+                metadata_checked: false,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
             self.parts.entry(topic).or_default().insert(partition, part);

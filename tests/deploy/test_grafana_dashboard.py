@@ -47,6 +47,8 @@ METRIC_LABELS = {
     "txn_sidecar_commit_lag_records": {"topic", "partition"},
     "txn_sidecar_offset_commits_total": {"result"},
     "txn_sidecar_build_info": {"version"},
+    "txn_sidecar_tombstones_forgotten_total": {"reason"},
+    "txn_sidecar_offset_gaps_total": {"kind"},
 }
 TARGET_LABELS = {"job", "instance"}
 
@@ -88,7 +90,7 @@ def _base(name: str, names: set[str]) -> str:
 
 def test_metric_names_file_is_the_contract() -> None:
     names = _names()
-    assert len(names) == len(set(names)) == 19
+    assert len(names) == len(set(names)) == 23
     assert all(re.fullmatch(r"txn_sidecar_[a-z0-9_]+", n) for n in names)
     assert HISTOGRAMS <= set(names)
     # Counters carry _total; histograms and gauges don't end in a series suffix.
