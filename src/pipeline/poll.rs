@@ -16,8 +16,9 @@ use super::{carry_out, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RE
 use crate::config::Config;
 use crate::kafka;
 
-/// How long closing the consumer (leaving the group) may take at shutdown.
-const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+/// The least time closing the consumer (leaving the group) gets at shutdown, even when
+/// the grace is spent: a LeaveGroup answered at once spares the group a session timeout.
+const CLOSE_MIN: Duration = Duration::from_millis(500);
 
 /// How often the log end is asked for directly, per partition, when librdkafka's end of
 /// log signal cannot be attributed (several topics share its partition number).
@@ -133,20 +134,24 @@ impl Engine {
     /// Graceful stop: no new deliveries, in-flight ones get `shutdown_grace`, then commit.
     /// Returns `true` to ask for [`Engine::final_commit`] again once the group's
     /// rebalance has been served.
-    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, deadline: Instant) {
         self.shutting_down = true;
         self.back_pressure(consumer);
         let tps: Vec<(Arc<str>, i32)> = self
             .all_parts()
             .map(|p| (p.machine.topic().clone(), p.machine.partition()))
             .collect();
+        // In-flight deliveries get the grace but for what the commit and the goodbye to
+        // the group need at the end.
+        let grace = self.cfg.shutdown_grace;
+        let reserve = (grace / 4).min(Duration::from_secs(2));
+        let left = deadline.saturating_duration_since(Instant::now());
         info!(
             partitions = tps.len(),
-            grace_ms = self.cfg.shutdown_grace.as_millis() as u64,
+            grace_ms = grace.as_millis() as u64,
             "draining"
         );
-        self.stop_workers(&tps, self.cfg.shutdown_grace);
-        self.final_commit(consumer)
+        self.stop_workers_within(&tps, left.saturating_sub(reserve), reserve / 2);
     }
 }
 
@@ -204,15 +209,27 @@ pub fn consume(
         e.tick(&consumer);
         timeout = e.poll_timeout();
     }
+    // Every step from here runs inside `shutdown_grace`, whatever the brokers do.
     let drain_started = Instant::now();
-    let mut retry = lock(&engine).drain(&consumer);
     let deadline = drain_started + cfg.shutdown_grace.max(Duration::from_secs(1));
+    lock(&engine).drain(&consumer, deadline);
+    let consumer = Arc::new(consumer);
+    let mut retry = match commit_within(&engine, &consumer, deadline) {
+        Some(retry) => retry,
+        None => {
+            warn!(
+                grace_ms = cfg.shutdown_grace.as_millis() as u64,
+                "the final offset commit got no answer within the shutdown grace (coordinator unreachable?); the next owner replays from the last committed offset"
+            );
+            false
+        }
+    };
     while retry && Instant::now() < deadline {
         // The group is rebalancing: poll (without the engine lock, which the rebalance
         // callbacks take) so librdkafka can rejoin, then commit under the new generation.
         // Records fetched meanwhile lie above the committed offset and are not staged.
         let _ = consumer.poll(Duration::from_millis(100));
-        retry = lock(&engine).final_commit(&consumer);
+        retry = commit_within(&engine, &consumer, deadline).unwrap_or(false);
         if !retry {
             info!(
                 waited_ms = drain_started.elapsed().as_millis() as u64,
@@ -230,10 +247,37 @@ pub fn consume(
             drop(consumer);
             let _ = done_tx.send(());
         });
-    if closer.is_ok() && done_rx.recv_timeout(CLOSE_DEADLINE).is_err() {
-        warn!(deadline_ms = CLOSE_DEADLINE.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+    let close_deadline = deadline
+        .saturating_duration_since(Instant::now())
+        .max(CLOSE_MIN);
+    if closer.is_ok() && done_rx.recv_timeout(close_deadline).is_err() {
+        warn!(deadline_ms = close_deadline.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
     }
     result
+}
+
+/// The final commit, on a thread of its own so that a coordinator that never answers
+/// cannot hold the process past `deadline`: `None` when it did not return in time (the
+/// thread is left behind; the process is exiting).
+fn commit_within(
+    engine: &Arc<Mutex<Engine>>,
+    consumer: &Arc<BaseConsumer<SidecarContext>>,
+    deadline: Instant,
+) -> Option<bool> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (engine, consumer) = (engine.clone(), consumer.clone());
+    std::thread::Builder::new()
+        .name("txn-sidecar-commit".into())
+        .spawn(move || {
+            let retry = engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .final_commit(&consumer);
+            let _ = tx.send(retry);
+        })
+        .ok()?;
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .ok()
 }
 
 /// Warns when a source topic's `cleanup.policy` includes `compact`: compaction keeps only

@@ -271,6 +271,16 @@ impl Engine {
 
     /// Stops the workers of `tps`: no new deliveries at once, in-flight ones get `grace`.
     pub(super) fn stop_workers(&mut self, tps: &[(Arc<str>, i32)], grace: Duration) {
+        self.stop_workers_within(tps, grace, Duration::from_secs(5));
+    }
+
+    /// [`Engine::stop_workers`], then at most `after_cut` for cut-off workers to report.
+    pub(super) fn stop_workers_within(
+        &mut self,
+        tps: &[(Arc<str>, i32)],
+        grace: Duration,
+        after_cut: Duration,
+    ) {
         for (t, n) in tps {
             if let Some(p) = self.part_mut(t, *n) {
                 p.stop.cancel();
@@ -285,7 +295,7 @@ impl Engine {
                     }
                 }
             }
-            self.wait_stopped(tps, Instant::now() + Duration::from_secs(5));
+            self.wait_stopped(tps, Instant::now() + after_cut);
         }
     }
 

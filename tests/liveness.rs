@@ -1,0 +1,157 @@
+//! Liveness: nothing stalls silently. A partition paused by back-pressure that moves away
+//! and comes back is fetched again; SIGTERM handling keeps its deadline against a
+//! coordinator that does not answer.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: &str = "orders.tx";
+const DLQ: &str = "orders.tx.dlq";
+
+fn produce(kafka: &Kafka, partition: i32, from: usize, to: usize) {
+    for i in from..to {
+        let id = format!("p{partition}-{i}");
+        kafka.task(T, partition, &id, &format!("{{\"i\":{i}}}"));
+        kafka.task(T, partition, &id, &format!("{{\"i\":{i},\"second\":true}}"));
+        kafka.commit(T, partition, &id);
+    }
+    kafka.flush();
+}
+
+async fn partitions_of(s: &txn_sidecar::Sidecar) -> Vec<i64> {
+    let (_, body) = admin_get(s.admin_addr(), "/v1/partitions").await;
+    let parts: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+    parts
+        .iter()
+        .filter_map(|p| p["partition"].as_i64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_partition_that_moves_away_and_comes_back_is_fetched_again() {
+    let kafka = Kafka::start(&[(T, 2), (DLQ, 2)]);
+    let app = RecordingApp::start().await;
+    app.set_default(Some(Answer {
+        status: 200,
+        delay: Duration::from_millis(250),
+        retry_after: None,
+    }));
+    let cfg = || {
+        config(
+            &kafka.brokers,
+            T,
+            &app.url(),
+            &[("limits.max_queued_per_partition", "4")],
+        )
+    };
+    let s1 = txn_sidecar::start(cfg()).await.unwrap();
+    produce(&kafka, 0, 0, 30);
+    produce(&kafka, 1, 0, 30);
+    // Back-pressure pauses both partitions on the first member.
+    let a1 = s1.admin_addr();
+    wait_until(Duration::from_secs(30), "both partitions paused", || {
+        let rt = tokio::runtime::Handle::current();
+        let body = std::thread::scope(|sc| {
+            sc.spawn(|| rt.block_on(admin_get(a1, "/v1/partitions")).1)
+                .join()
+                .unwrap()
+        });
+        let parts: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        parts.len() == 2 && parts.iter().all(|p| p["paused"] == true)
+    })
+    .await;
+    // A second member joins: one partition moves to it, paused where it left.
+    let s2 = txn_sidecar::start(cfg()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while partitions_of(&s2).await.is_empty() {
+        assert!(Instant::now() < deadline, "the second member never got a partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // It leaves: the partition comes back to the first member.
+    s2.shutdown();
+    s2.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while partitions_of(&s1).await.len() < 2 {
+        assert!(Instant::now() < deadline, "the partition never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Everything produced afterwards to either partition is delivered too.
+    produce(&kafka, 0, 30, 40);
+    produce(&kafka, 1, 30, 40);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ids: std::collections::HashSet<String> =
+            app.accepted_ids().into_iter().collect();
+        if ids.len() == 80 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 80 transactions delivered; missing: {:?}",
+            ids.len(),
+            (0..2)
+                .flat_map(|p| (0..40).map(move |i| format!("p{p}-{i}")))
+                .filter(|id| !ids.contains(id))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Whole, in order per partition, never duplicated by the graceful handoffs.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for g in app.accepted() {
+        let id = g.id().to_string();
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        let (p, i) = id.split_once('-').unwrap();
+        let i: i64 = i.parse().unwrap();
+        assert_eq!(
+            g.task_values(),
+            vec![
+                serde_json::json!({"i": i}),
+                serde_json::json!({"i": i, "second": true})
+            ],
+            "{id} partial"
+        );
+        let prev = last.insert(p.to_string(), i).unwrap_or(-1);
+        assert!(i > prev, "{id} after {p}-{prev}: out of order");
+    }
+    s1.shutdown();
+    s1.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_deadline_when_the_coordinator_does_not_answer() {
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    let s = txn_sidecar::start(config(
+        &kafka.brokers,
+        T,
+        &app.url(),
+        &[("shutdown_grace", "3s")],
+    ))
+    .await
+    .unwrap();
+    kafka.task(T, 0, "open", "1");
+    kafka.task(T, 0, "a", "1");
+    kafka.commit(T, 0, "a");
+    app.wait_accepted(1, Duration::from_secs(30)).await;
+    // Every request to the only broker (the group coordinator) now takes a minute.
+    kafka
+        .inner
+        .cluster()
+        .broker_round_trip_time(1, Duration::from_secs(60))
+        .unwrap();
+    let started = Instant::now();
+    s.shutdown();
+    s.wait().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_secs(5),
+        "shutdown took {took:?}, more than shutdown_grace (3 s) + 2 s"
+    );
+}
