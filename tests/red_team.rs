@@ -36,6 +36,7 @@ fn rec(offset: i64, id: &str, kind: &str) -> Record {
 struct Out {
     delivered: Vec<(String, Vec<i64>)>,
     dead: Vec<(i64, i64)>,
+    reasons: Vec<(i64, &'static str)>,
 }
 
 /// Carries out every action at once: deliveries succeed, dead letters are acknowledged.
@@ -51,6 +52,7 @@ fn run(m: &mut PartitionMachine, actions: &mut Vec<Action>, out: &mut Out) {
                 let src = d.source_offset();
                 for x in d.records.iter() {
                     out.dead.push((x.offset, src));
+                    out.reasons.push((x.offset, d.reason));
                 }
                 m.done(r);
             }
@@ -222,4 +224,28 @@ fn a_commit_with_a_non_utf8_count_ends_its_instance() {
         "the second instance is whole and healthy; dead-lettered: {:?}",
         out.dead
     );
+}
+
+/// README: "every later record of its id, up to and including its marker, follows it into
+/// the dead-letter topic with the same reason". When the next owner rebuilds the
+/// tombstone from the skip set (its head lies above the committed offset, so it is not
+/// carried), `replayed` names the reason `replayed`, a reason the README's table does not
+/// list: the head says `operator`, the tail `replayed`.
+#[test]
+fn a_tombstone_rebuilt_from_the_skip_set_keeps_its_reason() {
+    let mut log = vec![rec(0, "long", "task"), rec(1, "bad", "task")];
+    let mut out = Out::default();
+    let mut m = new_owner(0, String::new());
+    feed(&mut m, &log, 0, &mut out);
+    let mut actions = Vec::new();
+    m.operator_dead_letter("bad", &mut actions).unwrap();
+    run(&mut m, &mut actions, &mut out);
+    assert_eq!(out.reasons, vec![(1, "operator")]);
+    let cp = m.final_commit_point().unwrap();
+    log.push(rec(2, "bad", "commit"));
+    let mut out2 = Out::default();
+    let mut m2 = new_owner(cp.offset, cp.metadata.clone());
+    feed(&mut m2, &log, cp.offset as usize, &mut out2);
+    assert_eq!(out2.dead, vec![(2, 1)], "the marker follows under the same source");
+    assert_eq!(out2.reasons, vec![(2, "operator")], "and the same reason");
 }
