@@ -236,10 +236,20 @@ struct Tombstone {
     /// Offset named in `txn-dlq-source` by every dead-lettered part of the instance.
     source: i64,
     reason: &'static str,
+    /// Its highest offset whose dead-letter write is acknowledged (`first - 1`: none).
+    written: i64,
     /// Driver clock at its last record.
     last_ms: u64,
     /// Sequence number, for capacity eviction of the oldest.
     seq: u64,
+}
+
+/// A tombstone read back from commit metadata without its id.
+#[derive(Debug)]
+struct Head {
+    written: i64,
+    source: i64,
+    reason: &'static str,
 }
 
 /// After an offset gap: instances first seen before `until_ms` may have lost records.
@@ -285,6 +295,12 @@ pub struct PartitionMachine {
     tombstones: HashMap<Box<str>, Tombstone>,
     /// Tombstones whose marker was consumed, by marker offset, until it is written.
     closing: BTreeMap<i64, (Box<str>, Tombstone)>,
+    /// Dead-letter writes of tombstoned instances in flight: the offset each finishes,
+    /// with the id and first offset of its instance, to advance `written`.
+    tomb_writes: HashMap<i64, (Box<str>, i64)>,
+    /// Heads of instances an earlier owner dead-lettered while open, by first offset,
+    /// from the commit metadata: the record there names the id.
+    heads: BTreeMap<i64, Head>,
     tombstone_bytes: usize,
     tombstone_seq: u64,
     recent_commits: RecentIds,
@@ -343,6 +359,8 @@ impl PartitionMachine {
             offsets,
             tombstones: HashMap::new(),
             closing: BTreeMap::new(),
+            tomb_writes: HashMap::new(),
+            heads: BTreeMap::new(),
             tombstone_bytes: 0,
             tombstone_seq: 0,
             recent_commits: RecentIds::default(),
@@ -363,7 +381,19 @@ impl PartitionMachine {
                     .find(|r| **r == t.reason)
                     .copied()
                     .unwrap_or("replayed");
-                m.add_tombstone(&t.id, t.first, t.source, reason, out);
+                match t.id {
+                    Some(id) => m.add_tombstone(&id, t.first, t.source, reason, t.written, out),
+                    None => {
+                        m.heads.insert(
+                            t.first,
+                            Head {
+                                written: t.written,
+                                source: t.source,
+                                reason,
+                            },
+                        );
+                    }
+                }
             }
         }
         m
@@ -449,6 +479,20 @@ impl PartitionMachine {
         if let Some(f) = r.finish {
             self.offsets.finish(f);
             self.closing.remove(&f);
+            if let Some((id, first)) = self.tomb_writes.remove(&f) {
+                let live = self.tombstones.get_mut(&id).filter(|t| t.first == first);
+                let t = match live {
+                    Some(t) => Some(t),
+                    None => self
+                        .closing
+                        .values_mut()
+                        .find(|(i, t)| *i == id && t.first == first)
+                        .map(|(_, t)| t),
+                };
+                if let Some(t) = t {
+                    t.written = t.written.max(f);
+                }
+            }
         }
     }
 
@@ -546,6 +590,11 @@ impl PartitionMachine {
                 // truncated or the offset fell out of range): the skip set names
                 // offsets of records that may no longer be the same.
                 self.offsets.forget_skip_set();
+                // Tombstones from the metadata may name records that are gone too; the
+                // gap rule protects their instances instead.
+                self.tombstones.clear();
+                self.tombstone_bytes = 0;
+                self.heads.clear();
                 out.push(Action::Report(Report::OffsetGap {
                     kind: "reset",
                     committed,
@@ -567,6 +616,11 @@ impl PartitionMachine {
             Err(_) => ConsumedKind::Invalid,
         };
         out.push(Action::Report(Report::Consumed(kind)));
+        if (!self.heads.is_empty() || !self.tombstones.is_empty())
+            && self.written_before(offset, &decoded, out)
+        {
+            return;
+        }
         if self.offsets.is_finished(offset) {
             self.replayed(offset, &decoded, out);
             return;
@@ -580,7 +634,7 @@ impl PartitionMachine {
             }
             Err((e, Some(id))) => self.poison(id, rec, e, out),
             Ok(m) => {
-                if !self.tombstones.is_empty() && self.tombstones.contains_key(m.id) {
+                if !self.tombstones.is_empty() && self.tombstoned(m.id, offset) {
                     self.follow(m.id, rec, &m.kind, out);
                     return;
                 }
@@ -709,7 +763,7 @@ impl PartitionMachine {
     fn poison(&mut self, id: &str, rec: RecordRef<'_>, e: DecodeError, out: &mut Vec<Action>) {
         let offset = rec.offset;
         let ends = ends_instance(&e);
-        if self.tombstones.contains_key(id) {
+        if self.tombstoned(id, offset) {
             let kind = if ends {
                 Kind::Commit { count: None }
             } else {
@@ -736,7 +790,8 @@ impl PartitionMachine {
         }
         let dead = self.dead(Some(id), records, e.reason(), e.to_string(), Some(first));
         self.emit_dead(dead, first, Some(offset), fate, false, out);
-        self.add_tombstone(id, first, first, e.reason(), out);
+        self.tomb_writes.insert(offset, (id.into(), first));
+        self.add_tombstone(id, first, first, e.reason(), first - 1, out);
         out.push(Action::Report(Report::Tombstoned {
             offset: first,
             id: id.to_string(),
@@ -769,7 +824,8 @@ impl PartitionMachine {
         };
         // The open transaction's hold at `first` passes to the write.
         self.emit_dead(dead, first, Some(last), Some(fate), false, out);
-        self.add_tombstone(id, first, first, reason, out);
+        self.tomb_writes.insert(last, (id.into(), first));
+        self.add_tombstone(id, first, first, reason, first - 1, out);
         out.push(Action::Report(Report::Tombstoned {
             offset: first,
             id: id.to_string(),
@@ -785,6 +841,7 @@ impl PartitionMachine {
         first: i64,
         source: i64,
         reason: &'static str,
+        written: i64,
         out: &mut Vec<Action>,
     ) {
         self.tombstone_seq += 1;
@@ -795,6 +852,7 @@ impl PartitionMachine {
                 first,
                 source,
                 reason,
+                written,
                 last_ms: self.now_ms,
                 seq: self.tombstone_seq,
             },
@@ -812,6 +870,48 @@ impl PartitionMachine {
             };
             self.forget(&oldest, "capacity", out);
         }
+    }
+
+    /// Whether a record of `id` at `offset` belongs to a tombstoned instance.
+    fn tombstoned(&self, id: &str, offset: i64) -> bool {
+        self.tombstones.get(id).is_some_and(|t| offset >= t.first)
+    }
+
+    /// A record an earlier owner already dead-lettered as part of a tombstoned instance
+    /// (from the metadata: the instance's head, or a record up to its `written` offset):
+    /// recreates the tombstone from a head and skips what was written. `true` when the
+    /// record is done with.
+    fn written_before(
+        &mut self,
+        offset: i64,
+        decoded: &Decoded<'_>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let (id, marker) = match decoded {
+            Ok(m) => (m.id, matches!(m.kind, Kind::Commit { .. } | Kind::Abort)),
+            Err((e, Some(id))) => (*id, ends_instance(e)),
+            Err((_, None)) => return false,
+        };
+        if let Some(h) = self.heads.remove(&offset) {
+            if let Some(t) = self.store.take(id) {
+                self.offsets.release(t.first_offset);
+            }
+            self.add_tombstone(id, offset, h.source, h.reason, h.written, out);
+        }
+        let now = self.now_ms;
+        let Some(t) = self.tombstones.get_mut(id) else {
+            return false;
+        };
+        if offset < t.first || offset > t.written {
+            return false;
+        }
+        t.last_ms = now;
+        if marker {
+            self.tombstones.remove(id);
+            self.tombstone_bytes -= id.len();
+            self.clear_gap(id);
+        }
+        true
     }
 
     fn forget(&mut self, id: &str, why: &'static str, out: &mut Vec<Action>) {
@@ -851,6 +951,7 @@ impl PartitionMachine {
         );
         let dead = self.dead(Some(id), rec.into(), reason, error, Some(source));
         self.emit_dead(dead, offset, Some(offset), None, false, out);
+        self.tomb_writes.insert(offset, (id.into(), first));
     }
 
     /// A record at an offset in the skip set: an earlier owner completed its handling.
@@ -869,10 +970,15 @@ impl PartitionMachine {
                 self.tombstone_bytes -= id.len();
             }
             self.clear_gap(id);
-            if let Ok(Marker {
-                kind: Kind::Commit { .. },
-                ..
-            }) = decoded
+            // Only a commit that had tasks staged was a delivery (an empty or duplicate
+            // commit was dead-lettered on its own).
+            if let (
+                Ok(Marker {
+                    kind: Kind::Commit { .. },
+                    ..
+                }),
+                Some(_),
+            ) = (decoded, &staged)
             {
                 out.push(Action::Report(Report::DuplicateSkipped {
                     offset,
@@ -883,7 +989,7 @@ impl PartitionMachine {
             // The group up to here was dead-lettered while its instance was open.
             let first = staged.as_ref().map_or(offset, |t| t.first_offset);
             let reason = "replayed";
-            self.add_tombstone(id, first, first, reason, out);
+            self.add_tombstone(id, first, first, reason, offset, out);
         } else if let Some(t) = self.tombstones.get_mut(id) {
             t.last_ms = self.now_ms;
         }
@@ -954,6 +1060,7 @@ fn carried<'a>(
         .chain(closing.values().map(|(id, t)| (id, t)))
         .map(|(id, t)| Carried {
             first: t.first,
+            written: t.written,
             source: t.source,
             reason: t.reason,
             id,

@@ -46,6 +46,9 @@ pub struct CommitPoint {
     pub dropped: usize,
     /// Tombstones carried in the metadata.
     pub carried: usize,
+    /// Tombstones that did not fit at all (a new owner may take their later records for a
+    /// new instance).
+    pub not_carried: usize,
 }
 
 /// A tombstone as it travels in the commit metadata: an id dead-lettered while open,
@@ -54,6 +57,9 @@ pub struct CommitPoint {
 pub struct Carried<'a> {
     /// First offset of the dead instance.
     pub first: i64,
+    /// The highest of its offsets whose dead-letter write is acknowledged (`first - 1`
+    /// when none is): a new owner skips its records up to there, and writes the rest.
+    pub written: i64,
     /// Offset its dead-letter records name in `txn-dlq-source`.
     pub source: i64,
     /// Its dead-letter reason.
@@ -63,15 +69,22 @@ pub struct Carried<'a> {
 }
 
 impl Carried<'_> {
-    /// `;first,source,reason,id` with `%`, `,` and `;` escaped in the id and reason.
-    fn encode(&self) -> String {
-        format!(
+    /// `;first,written,source,reason,id`, with `%`, `,` and `;` escaped. The id is left out
+    /// (`head`) when the committed offset is at or below `first`: a new owner reads it
+    /// from the record at `first`, and long ids then cost nothing.
+    fn encode(&self, head: bool) -> String {
+        let mut s = format!(
             ";{},{},{},{}",
             self.first,
+            self.written,
             self.source,
-            escape(self.reason),
-            escape(self.id)
-        )
+            escape(self.reason)
+        );
+        if !head {
+            s.push(',');
+            s.push_str(&escape(self.id));
+        }
+        s
     }
 }
 
@@ -114,12 +127,14 @@ fn unescape(s: &str) -> Option<String> {
 pub struct CarriedOwned {
     /// First offset of the dead instance.
     pub first: i64,
+    /// Its highest offset already dead-lettered.
+    pub written: i64,
     /// Offset named in `txn-dlq-source`.
     pub source: i64,
     /// Dead-letter reason.
     pub reason: String,
-    /// Transaction id.
-    pub id: String,
+    /// Transaction id; `None` for a head entry (the record at `first` names it).
+    pub id: Option<String>,
 }
 
 /// The tombstones in `metadata` written for committed offset `base` (none for any other
@@ -136,14 +151,21 @@ pub fn decode_tombstones(base: i64, metadata: &str) -> Vec<CarriedOwned> {
     }
     let mut out = Vec::new();
     for piece in body.split(';').skip(1) {
-        let mut f = piece.splitn(4, ',');
+        let mut f = piece.splitn(5, ',');
         let parsed = (|| {
             let first = f.next()?.parse::<i64>().ok()?;
+            let written = f.next()?.parse::<i64>().ok()?;
             let source = f.next()?.parse::<i64>().ok()?;
             let reason = unescape(f.next()?)?;
-            let id = unescape(f.next()?)?;
+            let id = match f.next() {
+                Some(id) => Some(unescape(id)?),
+                None if first >= base => None,
+                // A tombstone below the committed offset must name its id.
+                None => return None,
+            };
             Some(CarriedOwned {
                 first,
+                written,
                 source,
                 reason,
                 id,
@@ -254,23 +276,44 @@ impl OffsetTracker {
     /// The commit to send regardless of change (on revoke, shutdown and refresh).
     pub fn final_commit_point(&mut self, tombstones: &[Carried<'_>]) -> Option<CommitPoint> {
         let mut offset = self.safe_offset()?;
-        // Tombstones first, lowest first: a new owner needs them to keep dead instances
-        // dead; the skip set only saves duplicates.
-        let mut sorted: Vec<&Carried<'_>> =
-            tombstones.iter().filter(|t| t.first < offset).collect();
+        // Tombstones first: a new owner needs them to keep dead instances dead; the skip
+        // set only saves duplicates. A tombstone whose head the offset passes travels
+        // whole (with its id); one at or above the offset as a head entry, which a long id
+        // does not lengthen. When not all fit, the offset stays at the head of the first
+        // that cannot travel whole, as few as needed: the most tombstones then fit.
+        let mut sorted: Vec<&Carried<'_>> = tombstones.iter().collect();
         sorted.sort_by_key(|t| t.first);
+        let full: Vec<String> = sorted.iter().map(|t| t.encode(false)).collect();
+        let head: Vec<String> = sorted.iter().map(|t| t.encode(true)).collect();
+        let needed = sorted.iter().take_while(|t| t.first < offset).count();
+        let budget = MAX_METADATA_BYTES - HEADER_RESERVE;
+        let head_total: usize = head.iter().map(String::len).sum();
+        // Largest k (whole entries) with whole[..k] + heads[k..] within the budget.
+        let mut cost: usize = head_total
+            + full[..needed]
+                .iter()
+                .zip(&head[..needed])
+                .map(|(f, h)| f.len() - h.len())
+                .sum::<usize>();
+        let mut k = needed;
+        while cost > budget && k > 0 {
+            k -= 1;
+            cost -= full[k].len() - head[k].len();
+        }
+        if k < needed {
+            offset = sorted[k].first;
+        }
         let mut tail = String::new();
-        let mut carried = 0;
-        for t in sorted {
-            let piece = t.encode();
-            if HEADER_RESERVE + tail.len() + piece.len() > MAX_METADATA_BYTES {
-                // It cannot travel: hold the offset at its first record, where a new owner
-                // finds the instance's head in the skip set.
-                offset = t.first;
-                break;
+        let (mut carried, mut not_carried) = (0, 0);
+        for (i, piece) in full[..k].iter().chain(head[k..].iter()).enumerate() {
+            if HEADER_RESERVE + tail.len() + piece.len() <= MAX_METADATA_BYTES {
+                tail.push_str(piece);
+                carried += 1;
+            } else {
+                // Only heads get here (k == 0 and still too many).
+                debug_assert!(i >= k);
+                not_carried += 1;
             }
-            tail.push_str(&piece);
-            carried += 1;
         }
         // Entries below the offset will never be read again by anyone.
         self.finished = self.finished.split_off(&offset);
@@ -280,6 +323,7 @@ impl OffsetTracker {
             metadata,
             dropped,
             carried,
+            not_carried,
         })
     }
 
@@ -420,6 +464,7 @@ mod tests {
         let id = "order,42;%x";
         let tomb = [Carried {
             first: 3,
+            written: 4,
             source: 3,
             reason: "expired",
             id,
@@ -432,9 +477,10 @@ mod tests {
             back,
             vec![CarriedOwned {
                 first: 3,
+                written: 4,
                 source: 3,
                 reason: "expired".into(),
-                id: id.into(),
+                id: Some(id.into()),
             }]
         );
         assert!(decode_metadata(10, &cp.metadata).is_empty());
@@ -444,16 +490,23 @@ mod tests {
         let many: Vec<Carried<'_>> = (0..5)
             .map(|i| Carried {
                 first: i,
+                written: i,
                 source: i,
                 reason: "operator",
                 id: &long,
             })
             .collect();
         let cp = t.final_commit_point(&many).unwrap();
-        assert_eq!(cp.carried, 2);
         assert_eq!(cp.offset, 2);
         assert!(cp.metadata.len() <= MAX_METADATA_BYTES);
-        assert_eq!(decode_tombstones(2, &cp.metadata).len(), 2);
+        // Two whole, the other three as heads above the offset (no id).
+        assert_eq!((cp.carried, cp.not_carried), (5, 0));
+        let back = decode_tombstones(2, &cp.metadata);
+        assert_eq!(back.len(), 5);
+        assert!(back[..2]
+            .iter()
+            .all(|t| t.id.as_deref() == Some(long.as_str())));
+        assert!(back[2..].iter().all(|t| t.id.is_none() && t.first >= 2));
     }
 
     #[test]

@@ -525,7 +525,17 @@ pub fn decode<'a>(
         match count_h {
             None => Ok(None),
             Some(v) => {
-                let s = text(v, &names.count).map_err(|e| (e, Some(id)))?;
+                // A count that is not text does not parse either: the record is still its
+                // transaction's commit, with an invalid count.
+                let s = std::str::from_utf8(v).map_err(|_| {
+                    (
+                        DecodeError::InvalidCount(
+                            names.count.clone(),
+                            String::from_utf8_lossy(&v[..v.len().min(64)]).into_owned(),
+                        ),
+                        Some(id),
+                    )
+                })?;
                 s.trim().parse::<u64>().map(Some).map_err(|_| {
                     (
                         DecodeError::InvalidCount(names.count.clone(), truncate(s, 64)),
@@ -770,7 +780,18 @@ mod tests {
             }
         };
         let count = |id: &str| -> Result<Option<u64>, (DecodeError, Option<String>)> {
-            match text(&names.count).map_err(|e| (e, Some(id.to_string())))? {
+            let raw = first(&names.count);
+            let as_text = text(&names.count).map_err(|_| {
+                let v = raw.unwrap_or_default();
+                (
+                    DecodeError::InvalidCount(
+                        names.count.clone(),
+                        String::from_utf8_lossy(&v[..v.len().min(64)]).into_owned(),
+                    ),
+                    Some(id.to_string()),
+                )
+            })?;
+            match as_text {
                 None => Ok(None),
                 Some(s) => s.trim().parse::<u64>().map(Some).map_err(|_| {
                     (

@@ -68,7 +68,10 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_fetched_again() {
     let s2 = txn_sidecar::start(cfg()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(40);
     while partitions_of(&s2).await.is_empty() {
-        assert!(Instant::now() < deadline, "the second member never got a partition");
+        assert!(
+            Instant::now() < deadline,
+            "the second member never got a partition"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -85,8 +88,7 @@ async fn a_paused_partition_that_moves_away_and_comes_back_is_fetched_again() {
     produce(&kafka, 1, 30, 40);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let ids: std::collections::HashSet<String> =
-            app.accepted_ids().into_iter().collect();
+        let ids: std::collections::HashSet<String> = app.accepted_ids().into_iter().collect();
         if ids.len() == 80 {
             break;
         }

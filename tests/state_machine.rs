@@ -38,7 +38,12 @@ use txn_sidecar::offsets::{decode_metadata, decode_tombstones};
 use txn_sidecar::protocol::{self, Record};
 
 const TIMEOUT: u64 = 1_000;
-const IDS: [&str; 4] = ["a", "b", "c", "d"];
+/// Short ids, and long ones whose tombstones overflow the commit metadata when several
+/// are carried at once.
+static IDS: std::sync::LazyLock<[&'static str; 6]> = std::sync::LazyLock::new(|| {
+    let long = |c: &str| -> &'static str { Box::leak(c.repeat(1300).into_boxed_str()) };
+    ["a", "b", "c", "d", long("e"), long("f")]
+});
 
 fn settings() -> Settings {
     Settings {
@@ -740,7 +745,7 @@ fn check(h: &Harness, model: &Model, end: bool) {
             let carried = i.id.is_some_and(|id| {
                 decode_tombstones(*committed, metadata)
                     .iter()
-                    .any(|t| t.id == id && t.first == first)
+                    .any(|t| t.id.as_deref() == Some(id) && t.first == first)
             });
             let handled = carried
                 || match i.end {

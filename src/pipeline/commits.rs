@@ -23,14 +23,13 @@ impl Engine {
     ) -> KafkaResult<()> {
         let mut tpl = TopicPartitionList::new();
         let mut points = Vec::new();
+        let metrics = self.metrics.clone();
         for (t, n) in tps {
             let Some(p) = self.part_mut(t, *n) else {
                 continue;
             };
             if let Some(cp) = p.machine.final_commit_point() {
-                if cp.dropped > 0 {
-                    self.metrics.skip_set_overflow.inc_by(cp.dropped as u64);
-                }
+                count_overflow(p, &cp, &metrics);
                 points.push((t.clone(), *n, cp));
             }
         }
@@ -77,16 +76,14 @@ impl Engine {
         let mut tpl = TopicPartitionList::new();
         let metrics = self.metrics.clone();
         for p in self.all_parts_mut() {
-            let m = &mut p.machine;
             let point = if refresh {
-                m.final_commit_point()
+                p.machine.final_commit_point()
             } else {
-                m.commit_point()
+                p.machine.commit_point()
             };
             if let Some(cp) = point {
-                if cp.dropped > 0 {
-                    metrics.skip_set_overflow.inc_by(cp.dropped as u64);
-                }
+                count_overflow(p, &cp, &metrics);
+                let m = &mut p.machine;
                 if add_offset(&mut tpl, m.topic(), m.partition(), cp.offset, &cp.metadata).is_ok() {
                     m.committed(cp.offset);
                     note_metadata(p, &cp);
@@ -194,6 +191,25 @@ impl Engine {
             ),
         }
     }
+}
+
+/// Counts what the metadata left out, by its increase: the same entries are left out of
+/// every commit until the offset passes them.
+fn count_overflow(p: &mut Part, cp: &CommitPoint, metrics: &crate::telemetry::Metrics) {
+    let (dropped, tombs) = (cp.dropped as u64, cp.not_carried as u64);
+    metrics
+        .skip_set_overflow
+        .inc_by(dropped.saturating_sub(p.overflow.0));
+    if tombs > p.overflow.1 {
+        metrics
+            .tombstones_forgotten
+            .get_or_create(&crate::telemetry::ReasonLabel {
+                reason: "metadata_full".into(),
+            })
+            .inc_by(tombs - p.overflow.1);
+        warn!(topic = %p.machine.topic(), partition = p.machine.partition(), tombstones = tombs, "tombstones do not fit into the commit metadata: a new owner may take their later records for new transactions");
+    }
+    p.overflow = (dropped, tombs);
 }
 
 /// Remembers a commit (every commit carries metadata, `txs2:<offset>:` at least), to read

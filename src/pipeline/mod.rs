@@ -90,6 +90,8 @@ pub(crate) struct Part {
     /// [`Engine::check_metadata_kept`]).
     sent: std::collections::VecDeque<i64>,
     metadata_checked: bool,
+    /// Skip-set entries and tombstones the last commit left out (counted by increase).
+    overflow: (u64, u64),
 }
 
 /// Everything the consumer thread and the rebalance callbacks share.

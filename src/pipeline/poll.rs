@@ -20,9 +20,13 @@ use crate::kafka;
 /// the grace is spent: a LeaveGroup answered at once spares the group a session timeout.
 const CLOSE_MIN: Duration = Duration::from_millis(500);
 
-/// How often the log end is asked for directly, per partition, when librdkafka's end of
-/// log signal cannot be attributed (several topics share its partition number).
-const END_QUERY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the log end is asked for, per partition, to confirm that a partition with
+/// something old enough to expire is caught up.
+const END_QUERY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Most log-end queries per expiry tick, so that many partitions and a slow broker do not
+/// stall the poll loop (the rest are asked at the next tick).
+const MAX_END_QUERIES: usize = 4;
 
 impl Engine {
     /// Periodic work between polls.
@@ -67,8 +71,9 @@ impl Engine {
             .filter(|p| p.machine.wants_caught_up(now_ms))
             .map(|p| (p.machine.topic().clone(), p.machine.partition()))
             .collect();
+        let mut queries = 0;
         for (t, n) in keys {
-            let caught_up = self.caught_up(consumer, &t, n);
+            let caught_up = self.caught_up(consumer, &t, n, &mut queries);
             let Engine {
                 parts,
                 actions,
@@ -83,30 +88,39 @@ impl Engine {
     }
 
     /// Whether partition `t`/`n` has been consumed to the end of its log and is being
-    /// fetched. librdkafka's end-of-log signal (`enable.partition.eof`) answers without a
-    /// request and needs no statistics; when it cannot be attributed to one topic, the
-    /// consumer's position is compared with the log end from the broker, at most every
-    /// [`END_QUERY_INTERVAL`].
+    /// fetched. Asked only when something is old enough to expire. librdkafka's
+    /// end-of-log signal (`enable.partition.eof`, no statistics needed) rules a partition
+    /// out cheaply: a record consumed since says it was not at the end. It cannot rule one
+    /// in: after it, fetches may fail (a leader moving, a broker unreachable) while the
+    /// producers go on. So the consumer's position is compared with the log end read from
+    /// the broker, at most every [`END_QUERY_INTERVAL`] per partition and
+    /// [`MAX_END_QUERIES`] per tick; a query that fails means not caught up.
     fn caught_up<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         t: &str,
         n: i32,
+        queries: &mut usize,
     ) -> bool {
+        // The signal names no topic: where several topics share the partition number it
+        // says nothing.
+        let ambiguous = self.parts.values().filter(|m| m.contains_key(&n)).count() > 1;
         let Some(p) = self.part_mut(t, n) else {
             return false;
         };
         if p.paused || p.resumed_at.is_some_and(|r| r.elapsed() < RESUME_SETTLE) {
             return false;
         }
-        if p.at_end {
-            return true;
+        if !p.at_end && !ambiguous {
+            return false;
         }
-        if p.last_end_query
-            .is_some_and(|q| q.elapsed() < END_QUERY_INTERVAL)
+        if *queries >= MAX_END_QUERIES
+            || p.last_end_query
+                .is_some_and(|q| q.elapsed() < END_QUERY_INTERVAL)
         {
             return false;
         }
+        *queries += 1;
         p.last_end_query = Some(Instant::now());
         // The position counts control records (transaction markers), which the log end
         // does too; the last consumed offset does not.
@@ -125,8 +139,10 @@ impl Engine {
             .ok()
             .map(|(_, hi)| hi);
         let caught = matches!((position, end), (Some(pos), Some(end)) if pos >= end);
-        if let Some(p) = self.part_mut(t, n) {
-            p.at_end = caught;
+        if !caught {
+            if let Some(p) = self.part_mut(t, n) {
+                p.at_end = false;
+            }
         }
         caught
     }

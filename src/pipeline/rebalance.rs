@@ -148,6 +148,7 @@ impl Engine {
                 last_end_query: None,
                 consumer_lag: 0,
                 sent: Default::default(),
+                overflow: (0, 0),
                 metadata_checked: false,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);

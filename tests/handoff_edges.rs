@@ -1,10 +1,10 @@
-//! Red-team findings against the per-partition state machine and offsets metadata.
-//! Each test states a documented rule and is expected to FAIL on the current code.
+//! Edges of the state machine at a handoff: metadata that overflows, replayed heads,
+//! commits whose count does not decode. Each states a documented rule.
 
 use std::sync::Arc;
 
 use txn_sidecar::config::{HeaderNames, Protocol};
-use txn_sidecar::machine::{Action, Assignment, PartitionMachine, Release, Settings};
+use txn_sidecar::machine::{Action, Assignment, PartitionMachine, Settings};
 use txn_sidecar::protocol::{self, Record};
 
 fn names() -> HeaderNames {
@@ -128,7 +128,11 @@ fn skip_set_overflow_drops_a_tombstone_head_and_the_next_owner_delivers_it_whole
     let mut out2 = Out::default();
     let mut m2 = new_owner(cp.offset, cp.metadata.clone());
     feed(&mut m2, &log, cp.offset as usize, &mut out2);
-    let bad: Vec<_> = out2.delivered.iter().filter(|(id, _)| id == "bad").collect();
+    let bad: Vec<_> = out2
+        .delivered
+        .iter()
+        .filter(|(id, _)| id == "bad")
+        .collect();
     assert!(
         bad.is_empty(),
         "instance `bad` was dead-lettered (head at {bad_first}) by the first owner and delivered by the next: {bad:?} (metadata dropped {} skip entries, carried {} tombstones)",
@@ -246,6 +250,10 @@ fn a_tombstone_rebuilt_from_the_skip_set_keeps_its_reason() {
     let mut out2 = Out::default();
     let mut m2 = new_owner(cp.offset, cp.metadata.clone());
     feed(&mut m2, &log, cp.offset as usize, &mut out2);
-    assert_eq!(out2.dead, vec![(2, 1)], "the marker follows under the same source");
+    assert_eq!(
+        out2.dead,
+        vec![(2, 1)],
+        "the marker follows under the same source"
+    );
     assert_eq!(out2.reasons, vec![(2, "operator")], "and the same reason");
 }

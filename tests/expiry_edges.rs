@@ -1,4 +1,4 @@
-//! Red-team findings end to end on librdkafka's mock cluster; expected to FAIL today.
+//! Expiry end to end on librdkafka's mock cluster when fetches fail.
 
 mod common;
 
@@ -39,12 +39,22 @@ async fn failing_fetches_do_not_count_as_caught_up() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // From now on the sidecar's fetches fail; the producer is unaffected.
     let errs = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 2000];
-    kafka.inner.cluster().request_errors(RDKafkaApiKey::Fetch, &errs);
+    kafka
+        .inner
+        .cluster()
+        .request_errors(RDKafkaApiKey::Fetch, &errs);
     kafka.commit(T, 0, "x"); // 3: the marker is in the log
     kafka.flush();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    eprintln!("after 5 s of failing fetches: accepted {:?}, dlq {}", app.accepted_ids(), kafka.end_offset(DLQ, 0));
-    kafka.inner.cluster().clear_request_errors(RDKafkaApiKey::Fetch);
+    eprintln!(
+        "after 5 s of failing fetches: accepted {:?}, dlq {}",
+        app.accepted_ids(),
+        kafka.end_offset(DLQ, 0)
+    );
+    kafka
+        .inner
+        .cluster()
+        .clear_request_errors(RDKafkaApiKey::Fetch);
     let k = &kafka;
     let a = &app;
     wait_until(WAIT, "x delivered or dead-lettered", || {
@@ -62,4 +72,3 @@ async fn failing_fetches_do_not_count_as_caught_up() {
     s.shutdown();
     s.wait().await.unwrap();
 }
-
