@@ -57,7 +57,8 @@ impl DeadTxn {
     }
 }
 
-/// Why a dead-letter write failed. Every variant is retried by the caller.
+/// Why a dead-letter write failed. The caller retries every one (the source offset waits
+/// for the write); [`DlqError::kind`] says which need an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     /// The topic does not exist or its metadata is unavailable.
@@ -69,21 +70,53 @@ pub enum DlqError {
         error: String,
     },
     /// The broker did not acknowledge a record.
-    #[error("dead-letter write to {topic} failed: {error}")]
+    #[error("dead-letter write to {topic} failed ({kind}): {error}")]
     Write {
         /// Topic name.
         topic: String,
+        /// [`write_error_kind`] of the error.
+        kind: &'static str,
         /// Underlying error.
         error: String,
     },
 }
 
 impl DlqError {
-    /// Whether trying again may help (always: the offset waits until it does).
+    /// `unknown_topic`, `authorization`, `too_large`, `invalid_record` or `transient`:
+    /// the label of `dead_letter_write_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DlqError::Topic { .. } => "unknown_topic",
+            DlqError::Write { kind, .. } => kind,
+        }
+    }
+
+    /// Whether trying again may help without an operator: `false` for a missing topic or
+    /// a denied write (the offset then waits, counted and logged, until it is fixed).
+    /// Records too large or invalid never get here: they are rewritten as stubs.
     pub fn is_retryable(&self) -> bool {
-        true
+        self.kind() == "transient"
     }
 }
+
+/// The kind of a producer error, for metrics and the write policy.
+pub fn write_error_kind(e: &rdkafka::error::KafkaError) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => "unknown_topic",
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => "authorization",
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize) => {
+            "too_large"
+        }
+        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidTimestamp) => "invalid_record",
+        _ => "transient",
+    }
+}
+
+/// Bytes a dead-letter record may take before it is written as a stub: librdkafka's
+/// default `message.max.bytes` (the broker's default limit is about the same), less room
+/// for the `txn-dlq-*` headers.
+const DEFAULT_MAX_RECORD_BYTES: u64 = 1_000_000 - 8 * 1024;
 
 /// Writer of dead-lettered transactions.
 #[derive(Clone)]
@@ -152,10 +185,77 @@ impl DeadLetterWriter {
         let count = self.partition_count(&topic).await?;
         // One DLQ partition per transaction keeps its tasks before its marker on replay.
         let partition = dead.partition.rem_euclid(count);
+        // A record that can never be written as it is (too large, refused as invalid) is
+        // written as a stub without key, value or its own headers, keeping its source
+        // coordinates, reason and size, so it never holds its partition. The first try
+        // stubs what is over the producer's limit; a broker that refuses a record for its
+        // size or form stubs it on the next.
+        let max = self.max_record_bytes();
+        let mut stubs: std::collections::HashSet<i64> = dead
+            .records
+            .iter()
+            .filter(|r| r.size() > max)
+            .map(|r| r.offset)
+            .collect();
+        loop {
+            match self.write_once(dead, &topic, partition, &stubs).await {
+                Ok(()) => return Ok(()),
+                Err((e, refused)) if !refused.is_empty() && !refused.is_subset(&stubs) => {
+                    tracing::warn!(topic = %dead.topic, partition = dead.partition, offsets = ?refused, error = %e, "dead-letter records refused for their size or form; writing them as stubs");
+                    stubs.extend(refused);
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn max_record_bytes(&self) -> u64 {
+        self.cfg
+            .kafka
+            .get("message.max.bytes")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(DEFAULT_MAX_RECORD_BYTES, |m| m.saturating_sub(8 * 1024))
+    }
+
+    /// One try at writing every record of `dead` (those in `stubs` as stubs); on failure,
+    /// the error and the offsets the broker refused for their size or form.
+    async fn write_once(
+        &self,
+        dead: &DeadTxn,
+        topic: &str,
+        partition: i32,
+        stubs: &std::collections::HashSet<i64>,
+    ) -> Result<(), (DlqError, std::collections::HashSet<i64>)> {
+        let topic = topic.to_string();
         let source = format!("{}/{}/{}", dead.topic, dead.partition, dead.source_offset());
         let attempts = dead.attempts.to_string();
         let mut pending = Vec::with_capacity(dead.records.len());
+        let mut refused = std::collections::HashSet::new();
+        let fail = |e: &rdkafka::error::KafkaError| DlqError::Write {
+            topic: topic.clone(),
+            kind: write_error_kind(e),
+            error: e.to_string(),
+        };
         for rec in dead.records.iter() {
+            if stubs.contains(&rec.offset) {
+                let size = rec.size().to_string();
+                let list = stub_headers(rec, dead, &source, &attempts, &size);
+                let mut headers = OwnedHeaders::new_with_capacity(list.len());
+                for (k, v) in &list {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    });
+                }
+                let fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                    .partition(partition)
+                    .headers(headers);
+                match self.producer.send_result(fr) {
+                    Ok(f) => pending.push((rec.offset, f)),
+                    Err((e, _)) => return Err((fail(&e), refused)),
+                }
+                continue;
+            }
             let list = dead_letter_headers(rec, dead, &source, &attempts);
             let mut headers = OwnedHeaders::new_with_capacity(list.len());
             for (k, v) in &list {
@@ -176,34 +276,80 @@ impl DeadLetterWriter {
             // No `.timestamp(..)`: the producer stamps the write time (the source's time
             // is in `txn-dlq-timestamp`).
             match self.producer.send_result(fr) {
-                Ok(f) => pending.push(f),
+                Ok(f) => pending.push((rec.offset, f)),
                 Err((e, _)) => {
-                    return Err(DlqError::Write {
-                        topic,
-                        error: e.to_string(),
-                    });
+                    if matches!(write_error_kind(&e), "too_large" | "invalid_record") {
+                        refused.insert(rec.offset);
+                    }
+                    return Err((fail(&e), refused));
                 }
             }
         }
-        for f in pending {
-            match f.await {
-                Ok(Ok(_)) => {}
+        let mut first_error = None;
+        for (offset, f) in pending {
+            let e = match f.await {
+                Ok(Ok(_)) => continue,
                 Ok(Err((e, _))) => {
-                    return Err(DlqError::Write {
-                        topic,
-                        error: e.to_string(),
-                    })
+                    if matches!(write_error_kind(&e), "too_large" | "invalid_record") {
+                        refused.insert(offset);
+                    }
+                    fail(&e)
                 }
-                Err(_) => {
-                    return Err(DlqError::Write {
-                        topic,
-                        error: "producer closed".into(),
-                    })
-                }
-            }
+                Err(_) => DlqError::Write {
+                    topic: topic.clone(),
+                    kind: "transient",
+                    error: "producer closed".into(),
+                },
+            };
+            first_error.get_or_insert(e);
         }
-        Ok(())
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err((e, refused)),
+        }
     }
+}
+
+/// The headers of a stub for `rec`: its transaction marker headers are not known here, so
+/// only the `txn-dlq-*` set, with `txn-dlq-original-size` (bytes of key, value and
+/// headers) and the transaction id, when known, in `txn-dlq-txn-id`.
+fn stub_headers<'a>(
+    rec: RecordRef<'a>,
+    dead: &'a DeadTxn,
+    source: &'a str,
+    attempts: &'a str,
+    size: &'a str,
+) -> Vec<DlqHeader<'a>> {
+    let text = |s: &'a str| Some(Cow::Borrowed(s.as_bytes()));
+    let mut out: Vec<DlqHeader<'a>> = Vec::with_capacity(8);
+    if let Some(id) = dead.id.as_deref() {
+        out.push(("txn-dlq-txn-id".into(), text(id)));
+    }
+    out.push(("txn-dlq-reason".into(), text(dead.reason)));
+    out.push((
+        "txn-dlq-error".into(),
+        Some(Cow::Owned(
+            format!(
+                "{}; the record (offset {}) could not be written to the dead-letter topic as it was, so only this stub was",
+                dead.error, rec.offset
+            )
+            .into_bytes(),
+        )),
+    ));
+    out.push(("txn-dlq-source".into(), text(source)));
+    out.push(("txn-dlq-attempts".into(), text(attempts)));
+    out.push(("txn-dlq-original-size".into(), text(size)));
+    out.push((
+        "txn-dlq-original-offset".into(),
+        Some(Cow::Owned(rec.offset.to_string().into_bytes())),
+    ));
+    if let Some(ts) = rec.timestamp_ms {
+        out.push((
+            "txn-dlq-timestamp".into(),
+            Some(Cow::Owned(ts.to_string().into_bytes())),
+        ));
+    }
+    out
 }
 
 /// A header of a dead-letter record: name, value (`None` = null).
