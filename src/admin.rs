@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::{AppClient, AppState as AppReach};
 use crate::telemetry::Metrics;
 
 /// One assigned partition, as `/v1/partitions` shows it.
@@ -63,14 +64,46 @@ pub struct TxnView {
 }
 
 /// What the consumer thread publishes for the admin server.
+///
+/// # Group membership, as `/readyz` reads it
+///
+/// `/readyz` answers 200 only while the member holds a group session with an
+/// assignment: `joined && group_lost.is_none()`. The consumer thread (the pipeline) owns
+/// both fields and keeps them current:
+///
+/// - On **every assign** callback (eager assign, cooperative incremental assign, KIP-848
+///   assign; an empty assignment too): `joined = true` and `group_lost = None`. That is
+///   how a member recovers by itself: librdkafka rejoins, the next assign clears the loss.
+/// - On a **revoke with `assignment_lost()`** (the session timed out, often because the
+///   coordinator was unreachable for `session.timeout.ms`; `max.poll.interval.ms` was
+///   exceeded; the member was fenced): `group_lost = Some(GroupLost { since: now, reason })`,
+///   set before anything else the revoke does (including returning early because this
+///   member owned none of the revoked partitions). `joined` may stay as it is.
+/// - A routine revoke (not lost: a rebalance under way, the member keeps its session)
+///   changes neither: the member stays ready while it rebalances.
+///
+/// `joined` alone is `false` until the first assign: `/readyz` says `not_joined`.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    /// The group was joined (an assignment, possibly empty, was received).
+    /// An assignment (possibly empty) was received; see the type's contract.
     pub joined: bool,
+    /// The member lost its group session or its assignment and has not been assigned
+    /// again since; see the type's contract.
+    pub group_lost: Option<GroupLost>,
     /// Assigned partitions.
     pub partitions: Vec<PartitionView>,
     /// Open transactions, the oldest 1000 at most, by partition and first offset.
     pub transactions: Vec<TxnView>,
+}
+
+/// Why and since when the member is out of its group (see [`Snapshot`]).
+#[derive(Debug, Clone)]
+pub struct GroupLost {
+    /// When the loss was seen.
+    pub since: Instant,
+    /// What happened, for the operator (e.g. "assignment lost: session timed out or
+    /// max.poll.interval.ms exceeded").
+    pub reason: String,
 }
 
 /// An operator's request to the consumer thread.
@@ -97,6 +130,7 @@ struct AppState {
     metrics: Arc<Metrics>,
     client: reqwest::Client,
     app_probe: url::Url,
+    app: AppClient,
 }
 
 /// Errors starting the admin server.
@@ -128,6 +162,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     client: reqwest::Client,
     app_probe: url::Url,
+    app: AppClient,
     shutdown: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<AdminServer, AdminError> {
@@ -144,6 +179,7 @@ pub async fn serve(
         metrics,
         client,
         app_probe,
+        app,
     };
     let router = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -179,25 +215,59 @@ async fn metrics_handler(State(s): State<AppState>) -> Response {
 #[derive(Serialize)]
 struct Ready {
     ready: bool,
+    /// A member of the group now: assigned, and not lost since.
     joined: bool,
     app_reachable: bool,
     assigned_partitions: usize,
+    /// Why not ready; empty when ready.
+    reasons: Vec<NotReady>,
 }
 
+/// One reason `/readyz` answers 503.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct NotReady {
+    /// `not_joined`, `group_lost` or `app_unreachable`.
+    reason: &'static str,
+    /// For the operator.
+    detail: String,
+}
+
+/// How long each of `/readyz`'s app checks may take (kubelet's default probe timeout is
+/// 1 s; the manifests allow 2 s, and the two checks run side by side).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Follows the current state, never a first success: ready while the member holds a
+/// group session with an assignment (see [`Snapshot`]) and the app is present.
 async fn readyz(State(s): State<AppState>) -> Response {
-    let (joined, assigned) = match s.snapshot.lock() {
-        Ok(snap) => (snap.joined, snap.partitions.len()),
-        Err(_) => (false, 0),
+    let (joined, lost, assigned) = match s.snapshot.lock() {
+        Ok(snap) => (snap.joined, snap.group_lost.clone(), snap.partitions.len()),
+        Err(_) => (false, None, 0),
     };
-    // Any HTTP answer means the app is listening; only transport errors mean it is not.
-    let app_reachable = s
-        .client
-        .get(s.app_probe.clone())
-        .timeout(Duration::from_secs(1))
-        .send()
-        .await
-        .is_ok();
-    let ready = joined && app_reachable;
+    let mut reasons = Vec::new();
+    if let Some(l) = &lost {
+        reasons.push(NotReady {
+            reason: "group_lost",
+            detail: format!(
+                "{} ({:.0} s ago); librdkafka rejoins by itself",
+                l.reason,
+                l.since.elapsed().as_secs_f64()
+            ),
+        });
+    } else if !joined {
+        reasons.push(NotReady {
+            reason: "not_joined",
+            detail: "no assignment received from the consumer group yet".into(),
+        });
+    }
+    let app = app_check(&s).await;
+    let app_reachable = app.is_ok();
+    if let Err(detail) = app {
+        reasons.push(NotReady {
+            reason: "app_unreachable",
+            detail,
+        });
+    }
+    let ready = reasons.is_empty();
     let code = if ready {
         StatusCode::OK
     } else {
@@ -207,12 +277,69 @@ async fn readyz(State(s): State<AppState>) -> Response {
         code,
         Json(Ready {
             ready,
-            joined,
+            joined: joined && lost.is_none(),
             app_reachable,
             assigned_partitions: assigned,
+            reasons,
         }),
     )
         .into_response()
+}
+
+/// Whether the app is present: its probe URL (`app.health_url`, else `app.url`) gets an
+/// HTTP answer (any status), and the delivery client can connect to `app.url`. The
+/// client's own state is refreshed by a connect whenever it is not known up or the probe
+/// failed, so the answer is current and a success wakes deliveries waiting for the app.
+async fn app_check(s: &AppState) -> Result<(), String> {
+    let probe = async {
+        s.client
+            .get(s.app_probe.clone())
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| error_chain(&e))
+    };
+    let connect = || async {
+        match tokio::time::timeout(PROBE_TIMEOUT, s.app.check()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "cannot connect to app: no connection within {PROBE_TIMEOUT:?}"
+            )),
+        }
+    };
+    let (probe, mut connected) = if s.app.status().state == AppReach::Up {
+        (probe.await, None)
+    } else {
+        let (p, c) = tokio::join!(probe, connect());
+        (p, Some(c))
+    };
+    if probe.is_err() && connected.is_none() {
+        connected = Some(connect().await);
+    }
+    // No connection says it all; else the probe's own failure.
+    if let Some(Err(e)) = connected {
+        let down_for = s
+            .app
+            .status()
+            .down
+            .map(|(since, _)| format!(", down for {:.0} s", since.elapsed().as_secs_f64()))
+            .unwrap_or_default();
+        return Err(format!("{e} ({}){down_for}", s.app.url()));
+    }
+    probe.map_err(|e| format!("the app's probe {} does not answer: {e}", s.app_probe))
+}
+
+/// An error and its sources, joined (reqwest's own message names only the URL).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        out.push_str(": ");
+        out.push_str(&src.to_string());
+        cur = src.source();
+    }
+    out
 }
 
 async fn partitions(State(s): State<AppState>) -> Response {
@@ -327,6 +454,7 @@ async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn state(token: Option<&str>) -> AppState {
         AppState {
@@ -336,6 +464,11 @@ mod tests {
             metrics: Metrics::new(),
             client: reqwest::Client::new(),
             app_probe: url::Url::parse("http://127.0.0.1:1/").unwrap(),
+            app: AppClient::new(
+                &url::Url::parse("http://127.0.0.1:1/").unwrap(),
+                Duration::from_secs(1),
+            )
+            .unwrap(),
         }
     }
 
@@ -345,6 +478,118 @@ mod tests {
             h.insert(header::AUTHORIZATION, v.parse().unwrap());
         }
         h
+    }
+
+    fn state_for_app(addr: SocketAddr) -> AppState {
+        let url = url::Url::parse(&format!("http://{addr}/transactions")).unwrap();
+        AppState {
+            app_probe: url.clone(),
+            app: AppClient::new(&url, Duration::from_secs(1)).unwrap(),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            ..state(None)
+        }
+    }
+
+    async fn ready(s: &AppState) -> (u16, serde_json::Value) {
+        let r = readyz(State(s.clone())).await;
+        let code = r.status().as_u16();
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (code, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn reasons(v: &serde_json::Value) -> Vec<&str> {
+        v["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap())
+            .collect()
+    }
+
+    /// An app on `addr` answering every GET and POST; dropping the handle closes it.
+    async fn app_on(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let router = Router::new().route("/transactions", get(|| async { "ok" }));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        })
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_group_and_the_app_now_and_recovers_by_itself() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = state_for_app(addr);
+        // Not joined, no app.
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 503, "{v}");
+        assert_eq!(reasons(&v), ["not_joined", "app_unreachable"], "{v}");
+        let detail = v["reasons"][1]["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("http://{addr}/transactions")),
+            "{detail}"
+        );
+        assert!(detail.contains("cannot connect to app"), "{detail}");
+        assert_eq!(v["app_reachable"], false);
+        assert_eq!(s.app.status().state, AppReach::Down);
+        // Joined, app up.
+        s.snapshot.lock().unwrap().joined = true;
+        let server = app_on(addr).await;
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["reasons"], serde_json::json!([]));
+        assert_eq!(v["joined"], true);
+        assert_eq!(s.app.status().state, AppReach::Up);
+        // The session is lost: 503 with the pipeline's reason, until the next assign.
+        s.snapshot.lock().unwrap().group_lost = Some(GroupLost {
+            since: Instant::now(),
+            reason: "assignment lost: session timed out".into(),
+        });
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 503, "{v}");
+        assert_eq!(reasons(&v), ["group_lost"]);
+        assert!(v["reasons"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("assignment lost: session timed out (0 s ago)"));
+        assert_eq!(v["joined"], false);
+        s.snapshot.lock().unwrap().group_lost = None;
+        assert_eq!(ready(&s).await.0, 200);
+        // The app goes away while the client still believes it up: the failed probe
+        // makes the client look again.
+        server.abort();
+        let _ = server.await;
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 503, "{v}");
+        assert_eq!(reasons(&v), ["app_unreachable"]);
+        assert_eq!(s.app.status().state, AppReach::Down);
+        // And it comes back.
+        let _server = app_on(addr).await;
+        assert_eq!(ready(&s).await.0, 200);
+        // A health URL that does not answer while deliveries can connect.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = AppState {
+            app_probe: url::Url::parse(&format!("http://{closed}/health")).unwrap(),
+            ..s
+        };
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 503, "{v}");
+        assert_eq!(reasons(&v), ["app_unreachable"]);
+        let detail = v["reasons"][0]["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(&format!(
+                "the app's probe http://{closed}/health does not answer: "
+            )),
+            "{detail}"
+        );
+        assert_eq!(s.app.status().state, AppReach::Up);
     }
 
     #[test]

@@ -94,11 +94,14 @@ pub struct AppConfig {
 pub struct RetryConfig {
     /// First backoff delay.
     pub initial_backoff: Duration,
-    /// Cap on one backoff delay (also caps an honoured `Retry-After`).
+    /// Cap on the exponential backoff (before jitter); a longer `Retry-After` is
+    /// honoured within what is left of `max_elapsed`.
     pub max_backoff: Duration,
-    /// Attempts per transaction before it counts as failed (`0` = unlimited).
+    /// Answered attempts per transaction before it counts as failed (`0` = unlimited);
+    /// connects that fail (the app absent) are not attempts.
     pub max_attempts: u32,
-    /// Time budget per transaction before it counts as failed.
+    /// Time budget per transaction before it counts as failed, from its first attempt
+    /// less the time spent waiting for an absent app.
     pub max_elapsed: Duration,
 }
 

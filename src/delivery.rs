@@ -1,10 +1,17 @@
 //! The HTTP-side wire contract: POSTs a committed transaction to the app and classifies
-//! its answer (2xx/409 delivered; 408/425/429/5xx/connect/timeout retried; other 4xx
-//! permanent), retrying with exponential backoff and jitter that honours `Retry-After`.
+//! its answer (2xx/409 delivered; 408/425/429/5xx/timeout retried; other 4xx permanent),
+//! retrying with exponential backoff and jitter that a `Retry-After` can lengthen but never
+//! shorten.
+//!
+//! A connection that cannot be opened is not an answer: the app is absent (restarting,
+//! crash-looping), which is not the transaction's fault. Such a delivery waits for the app
+//! without spending its retry budget, and the client's [`AppState`] (exported as
+//! `txn_sidecar_app_up`, read by `/readyz`) says so.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,9 +24,12 @@ use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, HeaderNames, OnFailure};
@@ -278,10 +288,12 @@ pub enum DeliveryError {
         /// Start of the response body, for the dead-letter error header.
         body: String,
     },
-    /// The app did not answer within `app.timeout`.
+    /// The app did not answer within `app.timeout` once connected.
     #[error("app did not answer within {0:?}")]
     Timeout(Duration),
-    /// Connecting failed (app down or not started yet).
+    /// No connection could be opened (refused, unreachable, name not resolved, or the
+    /// connect itself timed out): the app is absent, nothing was sent. It does not spend
+    /// a transaction's retry budget.
     #[error("cannot connect to app: {0}")]
     Connect(String),
     /// Any other transport error.
@@ -353,6 +365,8 @@ pub struct TargetError {
 /// Where the app listens: parsed once from `app.url`.
 #[derive(Debug)]
 struct Target {
+    /// `app.url`, for messages.
+    url: String,
     dest: Dest,
     /// The `Host` header (hyper's connection API does not add one).
     host: HeaderValue,
@@ -396,6 +410,84 @@ pub struct AppResponse {
 pub struct AppClient {
     target: Arc<Target>,
     idle: Arc<Mutex<Vec<Conn>>>,
+    health: Arc<Health>,
+}
+
+/// Whether the app accepts connections, as the client's last connect found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppState {
+    /// No connect attempted yet.
+    Unknown,
+    /// The last connect succeeded.
+    Up,
+    /// The last connect failed: refused, unreachable, name not resolved, timed out.
+    Down,
+}
+
+/// What the client knows about the app, for `/readyz`.
+#[derive(Debug, Clone)]
+pub struct AppStatus {
+    /// The state after the last connect.
+    pub state: AppState,
+    /// While down: since when (the first failed connect after the last success) and the
+    /// last connect error.
+    pub down: Option<(Instant, String)>,
+}
+
+/// Reachability shared by every clone of one [`AppClient`]: set by each connect, watched
+/// by deliveries waiting for the app to come back.
+struct Health {
+    state: watch::Sender<AppState>,
+    down: Mutex<Option<(Instant, String)>>,
+    /// `txn_sidecar_app_up` (unregistered unless the client reports to [`Metrics`]).
+    up: Gauge,
+    /// `txn_sidecar_app_connect_failures_total`.
+    failures: Counter,
+}
+
+impl Health {
+    fn new(up: Gauge, failures: Counter) -> Health {
+        Health {
+            state: watch::Sender::new(AppState::Unknown),
+            down: Mutex::new(None),
+            up,
+            failures,
+        }
+    }
+
+    fn connected(&self, url: &str) {
+        self.up.set(1);
+        let was_down = self.down.lock().map(|mut d| d.take()).unwrap_or_default();
+        self.state
+            .send_if_modified(|s| std::mem::replace(s, AppState::Up) != AppState::Up);
+        if let Some((since, _)) = was_down {
+            tracing::info!(
+                app = url,
+                down_ms = since.elapsed().as_millis() as u64,
+                "app accepts connections again; waiting deliveries resume"
+            );
+        }
+    }
+
+    fn failed(&self, url: &str, error: &str) {
+        self.up.set(0);
+        self.failures.inc();
+        if let Ok(mut d) = self.down.lock() {
+            let since = d.as_ref().map_or_else(Instant::now, |(s, _)| *s);
+            *d = Some((since, error.to_string()));
+        }
+        let mut was = AppState::Down;
+        self.state.send_if_modified(|s| {
+            was = std::mem::replace(s, AppState::Down);
+            was != AppState::Down
+        });
+        match was {
+            AppState::Up => tracing::warn!(app = url, error, "app stopped accepting connections; deliveries wait for it without spending their retry budgets"),
+            // A native sidecar starts before its app: not yet there is no fault.
+            AppState::Unknown => tracing::info!(app = url, error, "app does not accept connections yet; deliveries wait for it"),
+            AppState::Down => {}
+        }
+    }
 }
 
 /// One HTTP/1.1 connection: the handle that sends and the state machine that does the IO.
@@ -486,13 +578,54 @@ impl AppClient {
         let uri = path.parse::<Uri>().map_err(|e| bad(&e.to_string()))?;
         Ok(AppClient {
             target: Arc::new(Target {
+                url: url.to_string(),
                 dest,
                 host,
                 uri,
                 connect_timeout,
             }),
             idle: Arc::default(),
+            health: Arc::new(Health::new(Gauge::default(), Counter::default())),
         })
+    }
+
+    /// This client, setting `txn_sidecar_app_up` and counting
+    /// `txn_sidecar_app_connect_failures_total` in `metrics` (call before cloning).
+    pub fn reporting_to(mut self, metrics: &Metrics) -> AppClient {
+        self.health = Arc::new(Health::new(
+            metrics.app_up.clone(),
+            metrics.app_connect_failures.clone(),
+        ));
+        self
+    }
+
+    /// `app.url`.
+    pub fn url(&self) -> &str {
+        &self.target.url
+    }
+
+    /// What the last connect found.
+    pub fn status(&self) -> AppStatus {
+        AppStatus {
+            state: *self.health.state.borrow(),
+            down: self.health.down.lock().ok().and_then(|d| d.clone()),
+        }
+    }
+
+    /// Resolves once a connect (by any clone) has succeeded, at once if the last one did.
+    pub async fn until_up(&self) {
+        let mut rx = self.health.state.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = rx.wait_for(|s| *s == AppState::Up).await;
+    }
+
+    /// Opens a connection to the app without sending a request, updating [`AppStatus`]
+    /// (and waking deliveries that wait for the app if it is back). The connection is
+    /// kept for the next request.
+    pub async fn check(&self) -> Result<(), DeliveryError> {
+        let conn = self.connect().await?;
+        self.put_idle(conn);
+        Ok(())
     }
 
     /// POSTs `body` with `headers` (plus `Host` and `Content-Length`), within `timeout`
@@ -503,20 +636,36 @@ impl AppClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<AppResponse, DeliveryError> {
-        match tokio::time::timeout(timeout, self.exchange(headers, body)).await {
+        // Set while a connect is under way: a timeout then means no connection could be
+        // opened, which is the app's absence rather than a request it did not answer.
+        let connecting = AtomicBool::new(false);
+        match tokio::time::timeout(timeout, self.exchange(headers, body, &connecting)).await {
             Ok(r) => r,
+            Err(_) if connecting.load(Ordering::Relaxed) => {
+                let e = format!("connect did not complete within {timeout:?}");
+                self.health.failed(&self.target.url, &e);
+                Err(DeliveryError::Connect(e))
+            }
             Err(_) => Err(DeliveryError::Timeout(timeout)),
         }
+    }
+
+    async fn connect_flagged(&self, connecting: &AtomicBool) -> Result<Conn, DeliveryError> {
+        connecting.store(true, Ordering::Relaxed);
+        let r = self.connect().await;
+        connecting.store(false, Ordering::Relaxed);
+        r
     }
 
     async fn exchange(
         &self,
         headers: &HeaderMap,
         body: Bytes,
+        connecting: &AtomicBool,
     ) -> Result<AppResponse, DeliveryError> {
         let (mut conn, mut reused) = match self.take_idle() {
             Some(c) => (c, true),
-            None => (self.connect().await?, false),
+            None => (self.connect_flagged(connecting).await?, false),
         };
         loop {
             let mut req = Request::new(Full::new(body.clone()));
@@ -535,7 +684,7 @@ impl AppClient {
                 // connection gets the request without a retry delay, once.
                 Err(Failure::Resendable(_)) if reused => {
                     reused = false;
-                    conn = self.connect().await?;
+                    conn = self.connect_flagged(connecting).await?;
                 }
                 Err(Failure::Resendable(e) | Failure::Sent(e)) => return Err(e),
             }
@@ -621,9 +770,18 @@ impl AppClient {
         };
         let stream = match tokio::time::timeout(t.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(DeliveryError::Connect(e.to_string())),
-            Err(_) => return Err(DeliveryError::Timeout(t.connect_timeout)),
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                self.health.failed(&t.url, &e);
+                return Err(DeliveryError::Connect(e));
+            }
+            Err(_) => {
+                let e = format!("connect did not complete within {:?}", t.connect_timeout);
+                self.health.failed(&t.url, &e);
+                return Err(DeliveryError::Connect(e));
+            }
         };
+        self.health.connected(&t.url);
         // Small requests and answers: Nagle's delay would be pure latency.
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
@@ -661,6 +819,72 @@ impl AppClient {
     }
 }
 
+/// The retry budget of one transaction: `retry.max_attempts` answered attempts and
+/// `retry.max_elapsed` of time spent on them. Time spent waiting for an absent app (no
+/// connection could be opened) is not charged, and such attempts do not count.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Answered attempts allowed (`0` = unlimited).
+    pub max_attempts: u32,
+    /// Time allowed, from the first attempt, less waits for an absent app.
+    pub max_elapsed: Duration,
+    /// `on_failure = "block"`: retried forever, nothing is spent.
+    pub unlimited: bool,
+}
+
+/// What the retry policy does after a retryable failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextStep {
+    /// Wait this long, then attempt again.
+    Retry(Duration),
+    /// The budget is spent: dead-letter (`retries_exhausted`). With a note when a
+    /// `Retry-After` asked for more than what was left of it.
+    Exhausted(Option<String>),
+}
+
+impl Budget {
+    /// The step after `attempts` answered attempts that took `spent` of the budget's
+    /// time, given the policy's next exponential `backoff` and the app's `retry_after`.
+    ///
+    /// The delay is the larger of the two (`Retry-After: 0` or a past date counts as
+    /// zero, so it never shortens the backoff), capped by what is left of
+    /// `max_elapsed`; a `Retry-After` longer than that ends the retries now rather than
+    /// sleeping past the budget. Unlimited (block mode), a `Retry-After` is honoured up
+    /// to `max_elapsed`, so a bogus value cannot park a partition for longer.
+    pub fn next_step(
+        &self,
+        attempts: u32,
+        spent: Duration,
+        backoff: Duration,
+        retry_after: Option<Duration>,
+    ) -> NextStep {
+        let ra = retry_after.unwrap_or(Duration::ZERO);
+        if self.unlimited {
+            return NextStep::Retry(backoff.max(ra.min(self.max_elapsed)));
+        }
+        if self.max_attempts > 0 && attempts >= self.max_attempts {
+            return NextStep::Exhausted(None);
+        }
+        let left = self.max_elapsed.saturating_sub(spent);
+        if left.is_zero() {
+            return NextStep::Exhausted(None);
+        }
+        if ra > left {
+            return NextStep::Exhausted(Some(format!(
+                "Retry-After {}s is longer than the {:.1}s left of retry.max_elapsed",
+                ra.as_secs(),
+                left.as_secs_f64()
+            )));
+        }
+        NextStep::Retry(backoff.max(ra).min(left))
+    }
+}
+
+/// The longest wait between connect attempts to an absent app (shorter if
+/// `retry.max_backoff` is): how long a delivery may lag behind the app's return when
+/// nothing else (another delivery, a readiness probe) notices it first.
+pub const APP_WAIT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// The HTTP client and retry policy.
 #[derive(Clone)]
 pub struct Deliverer {
@@ -669,8 +893,7 @@ pub struct Deliverer {
     names: HeaderNames,
     initial_backoff: Duration,
     max_backoff: Duration,
-    max_attempts: u32,
-    max_elapsed: Duration,
+    budget: Budget,
     block: bool,
     metrics: Arc<Metrics>,
 }
@@ -678,18 +901,28 @@ pub struct Deliverer {
 impl Deliverer {
     /// A deliverer for `cfg`.
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Deliverer, TargetError> {
-        let app = AppClient::new(&cfg.app.url, Duration::from_secs(5).min(cfg.app.timeout))?;
+        let app = AppClient::new(&cfg.app.url, Duration::from_secs(5).min(cfg.app.timeout))?
+            .reporting_to(&metrics);
+        let block = cfg.on_failure == OnFailure::Block;
         Ok(Deliverer {
             app,
             timeout: cfg.app.timeout,
             names: cfg.headers.clone(),
             initial_backoff: cfg.retry.initial_backoff,
             max_backoff: cfg.retry.max_backoff,
-            max_attempts: cfg.retry.max_attempts,
-            max_elapsed: cfg.retry.max_elapsed,
-            block: cfg.on_failure == OnFailure::Block,
+            budget: Budget {
+                max_attempts: cfg.retry.max_attempts,
+                max_elapsed: cfg.retry.max_elapsed,
+                unlimited: block,
+            },
+            block,
             metrics,
         })
+    }
+
+    /// The app's HTTP client (shared state: its [`AppStatus`] is every delivery's).
+    pub fn app(&self) -> &AppClient {
+        &self.app
     }
 
     async fn attempt(&self, headers: &HeaderMap, body: &Bytes) -> Result<u16, DeliveryError> {
@@ -704,26 +937,54 @@ impl Deliverer {
         })
     }
 
-    /// Delivers `txn`, retrying per policy, until it succeeds, fails for good or `cancel` fires.
+    fn backoff(&self, max: Duration) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.initial_backoff.min(max))
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Delivers `txn`, retrying per policy, until it succeeds, fails for good or `cancel`
+    /// fires. [`Deliverer::deliver_until`] with no `stop`.
     pub async fn deliver(&self, txn: &ReadyTxn, cancel: &CancellationToken) -> Delivered {
+        self.deliver_until(txn, &CancellationToken::new(), cancel)
+            .await
+    }
+
+    /// Delivers `txn`, retrying per policy, until it succeeds or fails for good.
+    ///
+    /// While the app is absent (no connection can be opened) the delivery waits for it
+    /// with capped backoff, without spending the retry budget; a connect by any other
+    /// delivery or by `/readyz` that succeeds wakes it at once. `stop` ends such a wait
+    /// (nothing is in flight then); `cut` ends the delivery at any point. Both return
+    /// [`Delivered::Cancelled`].
+    pub async fn deliver_until(
+        &self,
+        txn: &ReadyTxn,
+        stop: &CancellationToken,
+        cut: &CancellationToken,
+    ) -> Delivered {
         let body = Bytes::from(render_body(txn, &self.names));
         let headers = request_headers(txn);
         let started = Instant::now();
+        // Time spent waiting for an absent app: not charged to the budget.
+        let mut absent = Duration::ZERO;
         let mut attempts = 0u32;
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(self.initial_backoff)
-            .with_max_delay(self.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut backoff = self.backoff(self.max_backoff);
+        let app_wait_max = self.max_backoff.min(APP_WAIT_MAX_BACKOFF);
+        let mut app_wait = self.backoff(app_wait_max);
+        let mut waited_for_app = false;
         loop {
-            attempts += 1;
+            let attempt_started = Instant::now();
             let result = tokio::select! {
                 r = self.attempt(&headers, &body) => r,
-                _ = cancel.cancelled() => return Delivered::Cancelled,
+                _ = cut.cancelled() => return Delivered::Cancelled,
             };
             let err = match result {
                 Ok(status) => {
+                    attempts += 1;
                     let result = if status == 409 { "conflict" } else { "success" };
                     self.metrics
                         .delivery_attempts
@@ -734,17 +995,35 @@ impl Deliverer {
                         .observe(started.elapsed().as_secs_f64());
                     return Delivered::Ok { attempts };
                 }
+                Err(DeliveryError::Connect(e)) => {
+                    // The app is absent: nothing was sent, nothing is spent. Counted in
+                    // `app_connect_failures_total`, not as a delivery attempt.
+                    let delay = app_wait.next().unwrap_or(app_wait_max).min(app_wait_max);
+                    if !waited_for_app {
+                        waited_for_app = true;
+                        tracing::info!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %e, "app absent; the transaction waits for it without spending its retry budget");
+                    } else {
+                        tracing::debug!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, delay_ms = delay.as_millis() as u64, error = %e, "app still absent");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = cut.cancelled() => return Delivered::Cancelled,
+                        _ = stop.cancelled() => return Delivered::Cancelled,
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.app.until_up() => {}
+                    }
+                    absent += attempt_started.elapsed();
+                    continue;
+                }
                 Err(e) => e,
             };
+            attempts += 1;
             let retryable = err.is_retryable();
             let result = if retryable { "retryable" } else { "permanent" };
             self.metrics
                 .delivery_attempts
                 .get_or_create(&ResultLabel { result })
                 .inc();
-            let out_of_budget = !self.block
-                && ((self.max_attempts > 0 && attempts >= self.max_attempts)
-                    || started.elapsed() >= self.max_elapsed);
             if !retryable && !self.block {
                 tracing::warn!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %err, "app rejected transaction");
                 return Delivered::Failed {
@@ -753,24 +1032,30 @@ impl Deliverer {
                     attempts,
                 };
             }
-            if out_of_budget {
-                tracing::warn!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %err, "delivery retries exhausted");
-                return Delivered::Failed {
-                    reason: "retries_exhausted",
-                    error: err.to_string(),
-                    attempts,
-                };
-            }
-            let mut delay = backoff.next().unwrap_or(self.max_backoff);
-            if let Some(ra) = err.retry_after() {
-                // The app knows its own recovery time better than our backoff does; only
-                // the elapsed budget caps it, so a bogus value cannot park a partition.
-                delay = ra.min(self.max_elapsed);
-            }
+            let spent = started.elapsed().saturating_sub(absent);
+            let next = backoff.next().unwrap_or(self.max_backoff);
+            let delay = match self
+                .budget
+                .next_step(attempts, spent, next, err.retry_after())
+            {
+                NextStep::Retry(d) => d,
+                NextStep::Exhausted(note) => {
+                    let error = match note {
+                        Some(n) => format!("{err}; {n}"),
+                        None => err.to_string(),
+                    };
+                    tracing::warn!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, error = %error, "delivery retries exhausted");
+                    return Delivered::Failed {
+                        reason: "retries_exhausted",
+                        error,
+                        attempts,
+                    };
+                }
+            };
             tracing::info!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, attempts, delay_ms = delay.as_millis() as u64, error = %err, "delivery failed, retrying");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return Delivered::Cancelled,
+                _ = cut.cancelled() => return Delivered::Cancelled,
             }
         }
     }
@@ -1080,9 +1365,14 @@ mod tests {
     /// A hand-written HTTP/1.1 app on a loopback port, so tests control exactly when
     /// a connection is answered, closed or left hanging.
     async fn raw_app(script: fn(usize, usize) -> Reply) -> RawApp {
+        raw_app_on("127.0.0.1:0".parse().unwrap(), script).await
+    }
+
+    /// [`raw_app`] listening on `addr`.
+    async fn raw_app_on(addr: SocketAddr, script: fn(usize, usize) -> Reply) -> RawApp {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -1287,6 +1577,34 @@ mod tests {
         assert!(e.is_retryable());
     }
 
+    #[tokio::test]
+    async fn a_connect_that_times_out_is_the_apps_absence_not_a_request_timeout() {
+        // A listener that never accepts, with a full accept queue: the next SYN is dropped
+        // and connecting hangs, as towards an unreachable host.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let url: url::Url = format!("http://{addr}/").parse().unwrap();
+        // The connect's own timeout, then the request's timeout firing during the connect.
+        for (connect_timeout, timeout) in [(300, 5000), (5000, 300)] {
+            let metrics = Metrics::new();
+            let c = AppClient::new(&url, MS(connect_timeout))
+                .unwrap()
+                .reporting_to(&metrics);
+            let e = post(&c, timeout).await.unwrap_err();
+            assert!(
+                matches!(&e, DeliveryError::Connect(m) if m.contains("did not complete within 300ms")),
+                "{e:?}"
+            );
+            assert_eq!(c.status().state, AppState::Down);
+            assert_eq!(metrics.app_connect_failures.get(), 1);
+            assert_eq!(metrics.app_up.get(), 0);
+        }
+        drop(listener);
+    }
+
     #[test]
     fn an_id_that_cannot_be_a_header_travels_in_the_body_only() {
         let marker_headers: [(&[u8], Option<&[u8]>); 2] = [
@@ -1331,6 +1649,336 @@ mod tests {
             "{d:?}"
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn budget(max_attempts: u32, max_elapsed_ms: u64) -> Budget {
+        Budget {
+            max_attempts,
+            max_elapsed: MS(max_elapsed_ms),
+            unlimited: false,
+        }
+    }
+
+    #[test]
+    fn a_retry_after_of_zero_or_in_the_past_never_shortens_the_backoff() {
+        let b = budget(10, 60_000);
+        let past = parse_retry_after(&httpdate::fmt_http_date(
+            SystemTime::now() - Duration::from_secs(3600),
+        ));
+        assert_eq!(past, Some(Duration::ZERO));
+        for ra in [None, Some(Duration::ZERO), past, parse_retry_after("0")] {
+            assert_eq!(
+                b.next_step(1, MS(5), MS(400), ra),
+                NextStep::Retry(MS(400)),
+                "{ra:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_delay_is_the_larger_of_retry_after_and_the_backoff() {
+        let b = budget(10, 60_000);
+        assert_eq!(
+            b.next_step(1, MS(0), MS(200), Some(MS(2000))),
+            NextStep::Retry(MS(2000))
+        );
+        assert_eq!(
+            b.next_step(1, MS(0), MS(3000), Some(MS(2000))),
+            NextStep::Retry(MS(3000))
+        );
+    }
+
+    #[test]
+    fn the_delay_is_capped_by_what_is_left_of_the_budget() {
+        let b = budget(10, 10_000);
+        // 1.5 s left: a 4 s backoff shrinks to it, and a Retry-After of exactly what is
+        // left is still honoured.
+        assert_eq!(
+            b.next_step(3, MS(8500), MS(4000), None),
+            NextStep::Retry(MS(1500))
+        );
+        assert_eq!(
+            b.next_step(3, MS(8500), MS(100), Some(MS(1500))),
+            NextStep::Retry(MS(1500))
+        );
+    }
+
+    #[test]
+    fn a_retry_after_longer_than_what_is_left_ends_the_retries_at_once() {
+        let b = budget(10, 10_000);
+        assert_eq!(
+            b.next_step(1, MS(2000), MS(200), Some(Duration::from_secs(60))),
+            NextStep::Exhausted(Some(
+                "Retry-After 60s is longer than the 8.0s left of retry.max_elapsed".into()
+            ))
+        );
+        // Longer than the whole budget: ends at the first answer.
+        assert!(matches!(
+            b.next_step(1, MS(0), MS(200), Some(MS(10_001))),
+            NextStep::Exhausted(Some(_))
+        ));
+    }
+
+    #[test]
+    fn the_budget_is_attempts_and_time() {
+        let b = budget(3, 10_000);
+        assert_eq!(
+            b.next_step(2, MS(0), MS(200), None),
+            NextStep::Retry(MS(200))
+        );
+        assert_eq!(
+            b.next_step(3, MS(0), MS(200), None),
+            NextStep::Exhausted(None)
+        );
+        assert_eq!(
+            b.next_step(1, MS(10_000), MS(200), None),
+            NextStep::Exhausted(None)
+        );
+        assert_eq!(
+            b.next_step(1, MS(12_000), MS(200), None),
+            NextStep::Exhausted(None)
+        );
+        // `max_attempts = 0`: only time limits it.
+        let b = budget(0, 10_000);
+        assert_eq!(
+            b.next_step(1000, MS(0), MS(200), None),
+            NextStep::Retry(MS(200))
+        );
+    }
+
+    #[test]
+    fn block_mode_has_no_budget_and_caps_a_retry_after_at_max_elapsed() {
+        let b = Budget {
+            max_attempts: 3,
+            max_elapsed: MS(10_000),
+            unlimited: true,
+        };
+        assert_eq!(
+            b.next_step(50, MS(99_000), MS(200), None),
+            NextStep::Retry(MS(200))
+        );
+        assert_eq!(
+            b.next_step(50, MS(99_000), MS(200), Some(Duration::from_secs(3600))),
+            NextStep::Retry(MS(10_000))
+        );
+        assert_eq!(
+            b.next_step(50, MS(99_000), MS(200), Some(Duration::ZERO)),
+            NextStep::Retry(MS(200))
+        );
+    }
+
+    fn deliverer(url: &str, extra: &[(&str, &str)]) -> Deliverer {
+        let mut s = crate::config::Sources::default();
+        for (k, v) in [
+            ("topic", "t"),
+            ("app.url", url),
+            ("retry.initial_backoff", "20ms"),
+            ("retry.max_backoff", "100ms"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            s.flags.insert(k.to_string(), v.to_string());
+        }
+        let cfg = Config::load(&s).unwrap();
+        Deliverer::new(&cfg, Metrics::new()).unwrap()
+    }
+
+    fn ready_txn() -> ReadyTxn {
+        ReadyTxn {
+            topic: "t".into(),
+            partition: 0,
+            id: "x".into(),
+            commit_offset: 9,
+            first_offset: 8,
+            tasks: Records::from(task(8, b"1")),
+            marker: task(9, b""),
+            committed_at: Instant::now(),
+        }
+    }
+
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(MS(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_absent_app_spends_no_budget_and_the_delivery_resumes_when_it_listens() {
+        let addr = closed_port();
+        let d = deliverer(
+            &format!("http://{addr}/"),
+            &[("retry.max_attempts", "1"), ("retry.max_elapsed", "1s")],
+        );
+        let m = d.metrics.clone();
+        let task = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.deliver_until(
+                    &ready_txn(),
+                    &CancellationToken::new(),
+                    &CancellationToken::new(),
+                )
+                .await
+            }
+        });
+        // Past both budgets (one attempt, 1 s), still waiting, nothing counted as an attempt.
+        wait_for("connect failures", || m.app_connect_failures.get() >= 5).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(!task.is_finished());
+        assert_eq!(m.app_up.get(), 0);
+        assert_eq!(d.app().status().state, AppState::Down);
+        let retryable = m
+            .delivery_attempts
+            .get_or_create(&ResultLabel {
+                result: "retryable",
+            })
+            .get();
+        assert_eq!(retryable, 0);
+        let app = raw_app_on(addr, |_, _| OK).await;
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Delivered::Ok { attempts: 1 }), "{r:?}");
+        assert_eq!(app.heads.lock().unwrap().len(), 1);
+        assert_eq!(m.app_up.get(), 1);
+        assert_eq!(d.app().status().state, AppState::Up);
+        assert!(d.app().status().down.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_succeeds_elsewhere_wakes_a_waiting_delivery_at_once() {
+        let addr = closed_port();
+        // Waits between connects would reach 5 s; the wake must not wait for them.
+        let d = deliverer(
+            &format!("http://{addr}/"),
+            &[("retry.initial_backoff", "5s"), ("retry.max_backoff", "5s")],
+        );
+        let task = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.deliver_until(
+                    &ready_txn(),
+                    &CancellationToken::new(),
+                    &CancellationToken::new(),
+                )
+                .await
+            }
+        });
+        let m = d.metrics.clone();
+        wait_for("a connect failure", || m.app_connect_failures.get() >= 1).await;
+        let _app = raw_app_on(addr, |_, _| OK).await;
+        let started = Instant::now();
+        d.app().check().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Delivered::Ok { attempts: 1 }), "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_ends_a_wait_for_the_app_promptly_and_cut_ends_anything() {
+        let addr = closed_port();
+        let d = deliverer(&format!("http://{addr}/"), &[]);
+        let m = d.metrics.clone();
+        for use_stop in [true, false] {
+            let (stop, cut) = (CancellationToken::new(), CancellationToken::new());
+            let task = tokio::spawn({
+                let (d, stop, cut) = (d.clone(), stop.clone(), cut.clone());
+                async move { d.deliver_until(&ready_txn(), &stop, &cut).await }
+            });
+            let before = m.app_connect_failures.get();
+            wait_for("connect failures", || {
+                m.app_connect_failures.get() >= before + 3
+            })
+            .await;
+            let t = Instant::now();
+            if use_stop {
+                stop.cancel()
+            } else {
+                cut.cancel()
+            }
+            let r = tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(r, Delivered::Cancelled), "{r:?}");
+            assert!(
+                t.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t.elapsed()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_after_zero_waits_the_backoff_and_a_too_long_one_ends_at_once() {
+        // 503 with `Retry-After: 0` three times, then 200.
+        let app = raw_app(|c, r| {
+            if c == 0 && r < 3 {
+                Reply::Answer("HTTP/1.1 503 Busy\r\nretry-after: 0\r\ncontent-length: 0\r\n\r\n")
+            } else {
+                OK
+            }
+        })
+        .await;
+        let d = deliverer(
+            app.url.as_str(),
+            &[
+                ("retry.initial_backoff", "100ms"),
+                ("retry.max_backoff", "1s"),
+            ],
+        );
+        let started = Instant::now();
+        let r = d.deliver(&ready_txn(), &CancellationToken::new()).await;
+        assert!(matches!(r, Delivered::Ok { attempts: 4 }), "{r:?}");
+        // At least 100 + 200 + 400 ms of backoff.
+        assert!(started.elapsed() >= MS(700), "{:?}", started.elapsed());
+        // 503 with `Retry-After: 60` against a 10 s budget: one attempt, then dead.
+        let app = raw_app(|_, _| {
+            Reply::Answer("HTTP/1.1 503 Busy\r\nretry-after: 60\r\ncontent-length: 0\r\n\r\n")
+        })
+        .await;
+        let d = deliverer(app.url.as_str(), &[("retry.max_elapsed", "10s")]);
+        let started = Instant::now();
+        let r = d.deliver(&ready_txn(), &CancellationToken::new()).await;
+        match r {
+            Delivered::Failed {
+                reason,
+                error,
+                attempts,
+            } => {
+                assert_eq!((reason, attempts), ("retries_exhausted", 1));
+                assert!(
+                    error.starts_with("app answered 503; Retry-After 60s is longer than the "),
+                    "{error}"
+                );
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -171,11 +171,18 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
         metrics.clone(),
         reqwest::Client::builder().no_proxy().build()?,
         probe,
+        deliverer.app().clone(),
         admin_stop.clone(),
         &tracker,
     )
     .await?;
     tracing::info!(kafka = ?cfg.redacted_kafka(), app = %cfg.app.url, protocol = cfg.protocol.as_str(), "starting");
+    // One connect, so `txn_sidecar_app_up` tells from the start whether the app is there
+    // (the connection is kept for the first delivery). Untracked: best effort.
+    let app = deliverer.app().clone();
+    tokio::spawn(async move {
+        let _ = app.check().await;
+    });
     // Untracked: a best-effort check must not hold up shutdown.
     tokio::spawn(pipeline::warn_if_compacted(cfg.clone()));
     let engine = pipeline::Engine::new(

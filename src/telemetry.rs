@@ -156,6 +156,11 @@ pub struct Metrics {
     pub offset_gaps: Family<GapLabel, Counter>,
     /// Constant 1 labelled with the version.
     pub build_info: Family<BuildLabel, Gauge>,
+    /// 1 when the delivery client's last connect to the app succeeded, 0 when it failed
+    /// (or none was made yet).
+    pub app_up: Gauge,
+    /// Connects to the app that failed (refused, unreachable, not resolved, timed out).
+    pub app_connect_failures: Counter,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -197,6 +202,8 @@ impl Metrics {
             tombstones_forgotten: Family::default(),
             offset_gaps: Family::default(),
             build_info: Family::default(),
+            app_up: Gauge::default(),
+            app_connect_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -304,6 +311,16 @@ impl Metrics {
             "offset_gaps",
             "Assigns where the log did not continue at the committed offset (retention, truncation, reset)",
             m.offset_gaps.clone(),
+        );
+        registry.register(
+            "app_up",
+            "1 when the last connect to the app succeeded, 0 when it failed or none was made yet; deliveries wait for an absent app without spending retry budgets",
+            m.app_up.clone(),
+        );
+        registry.register(
+            "app_connect_failures",
+            "Connects to the app that failed (refused, unreachable, name not resolved, connect timed out)",
+            m.app_connect_failures.clone(),
         );
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info

@@ -43,6 +43,7 @@ impl Engine {
         }
         if let Ok(mut s) = self.snapshot.lock() {
             s.joined = true;
+            s.group_lost = None;
         }
         // Commits sent while the group was rebalancing were likely refused: resend every
         // kept partition's point at the next commit tick.
@@ -175,6 +176,15 @@ impl Engine {
             .rebalances
             .get_or_create(&RebalanceLabel { kind: "revoke" })
             .inc();
+        if consumer.assignment_lost() {
+            // `/readyz` says so until the next assign.
+            if let Ok(mut s) = self.snapshot.lock() {
+                s.group_lost = Some(crate::admin::GroupLost {
+                    since: Instant::now(),
+                    reason: "assignment lost: session timed out, max.poll.interval.ms exceeded or fenced".into(),
+                });
+            }
+        }
         let tps: Vec<(Arc<str>, i32)> = tpl
             .elements()
             .iter()

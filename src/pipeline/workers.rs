@@ -87,7 +87,11 @@ impl Worker {
                 _ = self.lane.stop.cancelled() => break,
                 w = self.rx.recv() => match w { Some(w) => w, None => break },
             };
-            match self.deliverer.deliver(&txn, &self.lane.cut).await {
+            match self
+                .deliverer
+                .deliver_until(&txn, &self.lane.stop, &self.lane.cut)
+                .await
+            {
                 Delivered::Ok { attempts } => {
                     let m = &self.lane.metrics;
                     m.outcome(Outcome::delivered);

@@ -90,7 +90,7 @@ def _base(name: str, names: set[str]) -> str:
 
 def test_metric_names_file_is_the_contract() -> None:
     names = _names()
-    assert len(names) == len(set(names)) == 23
+    assert len(names) == len(set(names)) == 25
     assert all(re.fullmatch(r"txn_sidecar_[a-z0-9_]+", n) for n in names)
     assert HISTOGRAMS <= set(names)
     # Counters carry _total; histograms and gauges don't end in a series suffix.
@@ -189,5 +189,7 @@ def test_required_panels(dashboard) -> None:
         "Rebalances",
         "Assigned and paused partitions",
         "Dead letters by reason",
+        "App up",
+        "App connect failures",
     ):
         assert wanted in titles, wanted
