@@ -89,6 +89,13 @@ pub struct PartitionLabel {
     pub partition: i32,
 }
 
+/// Labels of `dead_letter_write_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel2 {
+    /// The error's kind.
+    pub kind: &'static str,
+}
+
 /// Labels of `offset_gaps_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GapLabel {
@@ -148,6 +155,13 @@ pub struct Metrics {
     /// 1 once the broker was seen dropping offset-commit metadata (the skip set and
     /// tombstones do not survive a handoff there: plain at-least-once).
     pub commit_metadata_dropped: Gauge,
+    /// Failed dead-letter writes by kind (`unknown_topic`, `authorization`, `too_large`,
+    /// `invalid_record`, `transient`).
+    pub dead_letter_write_errors: Family<KindLabel2, Counter>,
+    /// Seconds each partition's committed offset has been held below its consumed
+    /// position by the same unfinished work (an open transaction, a delivery, a
+    /// dead-letter write); 0 when nothing holds it.
+    pub offset_held: Family<PartitionLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Ids remembered as dead (tombstones) until their marker.
     pub tombstones: Gauge,
     /// Tombstones forgotten before their marker, by why (`silent`, `capacity`).
@@ -198,6 +212,8 @@ impl Metrics {
             offset_commits: Family::default(),
             skip_set_overflow: Counter::default(),
             commit_metadata_dropped: Gauge::default(),
+            dead_letter_write_errors: Family::default(),
+            offset_held: Family::default(),
             tombstones: Gauge::default(),
             tombstones_forgotten: Family::default(),
             offset_gaps: Family::default(),
@@ -296,6 +312,16 @@ impl Metrics {
             "commit_metadata_dropped",
             "1 when the broker returned an offset commit without the metadata the sidecar wrote: skip sets and tombstones do not survive a handoff, delivery is plain at-least-once with the stable Idempotency-Key",
             m.commit_metadata_dropped.clone(),
+        );
+        registry.register(
+            "dead_letter_write_errors",
+            "Failed dead-letter writes by kind; unknown_topic and authorization need an operator (the partition's offset waits, see offset_held_seconds)",
+            m.dead_letter_write_errors.clone(),
+        );
+        registry.register(
+            "offset_held_seconds",
+            "Seconds the partition's committed offset has been held below its consumed position by the same unfinished work",
+            m.offset_held.clone(),
         );
         registry.register(
             "tombstones",

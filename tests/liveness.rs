@@ -157,3 +157,117 @@ async fn shutdown_keeps_its_deadline_when_the_coordinator_does_not_answer() {
         "shutdown took {took:?}, more than shutdown_grace (3 s) + 2 s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_to_write_becomes_a_stub_and_releases_the_offset() {
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    app.rule("big", Answer::status(400));
+    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
+    let value = "x".repeat(995_000);
+    kafka.task(T, 0, "big", &value); // 0: its dead-letter copy (plus headers) cannot fit
+    kafka.commit(T, 0, "big"); // 1
+    kafka.task(T, 0, "ok", "1"); // 2
+    kafka.commit(T, 0, "ok"); // 3
+    app.wait_accepted(1, Duration::from_secs(30)).await;
+    assert_eq!(app.accepted_ids(), vec!["ok"]);
+    let k = &kafka;
+    wait_until(
+        Duration::from_secs(30),
+        "offset past the dead letter",
+        || k.committed("test-group", T, 0).0 == Some(4),
+    )
+    .await;
+    let dlq = kafka.read_all(DLQ, 0, 2);
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    let stub = &dlq[0];
+    assert_eq!(stub.value, None, "the stub carries no payload");
+    assert_eq!(stub.key, None);
+    assert_eq!(stub.headers["txn-dlq-reason"], "rejected");
+    assert_eq!(stub.headers["txn-dlq-source"], "orders.tx/0/1");
+    assert_eq!(stub.headers["txn-dlq-original-offset"], "0");
+    assert_eq!(stub.headers["txn-dlq-txn-id"], "big");
+    let size: u64 = stub.headers["txn-dlq-original-size"].parse().unwrap();
+    assert!(size >= 995_000, "{size}");
+    // The marker is small: written as it was.
+    assert_eq!(dlq[1].headers["txn-id"], "big");
+    assert_eq!(dlq[1].headers["txn-type"], "commit");
+    let m = admin_get(s.admin_addr(), "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &m,
+            "txn_sidecar_transactions_total{outcome=\"dead_lettered\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    s.shutdown();
+    s.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_refuses_writes_is_counted_and_shows_in_offset_held() {
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    app.rule("bad", Answer::status(400));
+    kafka
+        .inner
+        .cluster()
+        .topic_error(
+            DLQ,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
+    kafka.task(T, 0, "bad", "1");
+    kafka.commit(T, 0, "bad");
+    kafka.task(T, 0, "ok", "1");
+    kafka.commit(T, 0, "ok");
+    app.wait_accepted(1, Duration::from_secs(30)).await;
+    let addr = s.admin_addr();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = admin_get(addr, "/metrics").await.1;
+        let errors: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("txn_sidecar_dead_letter_write_errors_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let held = metric(
+            &m,
+            "txn_sidecar_offset_held_seconds{topic=\"orders.tx\",partition=\"0\"}",
+        )
+        .unwrap_or(0.0);
+        if errors >= 1.0 && held >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "errors {errors}, held {held}: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(kafka.committed("test-group", T, 0).0.unwrap_or(0), 0);
+    // Fixed by an operator: the write goes through and the offset moves on.
+    kafka
+        .inner
+        .cluster()
+        .topic_error(
+            DLQ,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .unwrap();
+    let k = &kafka;
+    wait_until(
+        Duration::from_secs(30),
+        "offset past the dead letter",
+        || k.committed("test-group", T, 0).0 == Some(4),
+    )
+    .await;
+    s.shutdown();
+    s.wait().await.unwrap();
+}

@@ -92,6 +92,8 @@ pub(crate) struct Part {
     metadata_checked: bool,
     /// Skip-set entries and tombstones the last commit left out (counted by increase).
     overflow: (u64, u64),
+    /// The safe offset while it lies below the consumed position, and since when.
+    held: Option<(i64, Instant)>,
 }
 
 /// Everything the consumer thread and the rebalance callbacks share.

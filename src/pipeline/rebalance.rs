@@ -150,6 +150,7 @@ impl Engine {
                 consumer_lag: 0,
                 sent: Default::default(),
                 overflow: (0, 0),
+                held: None,
                 metadata_checked: false,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
@@ -245,6 +246,7 @@ impl Engine {
                 partition: *n,
             };
             self.metrics.commit_lag.remove(&label);
+            self.metrics.offset_held.remove(&label);
             self.metrics.consumer_lag.remove(&label);
         }
         let n: usize = self.parts.values().map(HashMap::len).sum();

@@ -61,6 +61,31 @@ impl Engine {
         let mut partitions = Vec::new();
         // Every open transaction as a borrowed candidate; views are built only for the
         // oldest `MAX_TXN_VIEWS`, which are the ones an operator looks for.
+        let instant = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        for p in self.all_parts_mut() {
+            let (safe, next) = (
+                p.machine.offsets().safe_offset(),
+                p.machine.offsets().next_offset(),
+            );
+            p.held = match (safe, next) {
+                (Some(s), Some(n)) if s < n => match p.held {
+                    Some((o, since)) if o == s => Some((o, since)),
+                    _ => Some((s, instant)),
+                },
+                _ => None,
+            };
+            let held = p
+                .held
+                .map_or(0.0, |(_, since)| since.elapsed().as_secs_f64());
+            metrics
+                .offset_held
+                .get_or_create(&PartitionLabel {
+                    topic: p.machine.topic().to_string(),
+                    partition: p.machine.partition(),
+                })
+                .set(held);
+        }
         let mut open: Vec<(&Part, &str, &OpenTxn)> = Vec::new();
         for p in self.all_parts() {
             let m = &p.machine;

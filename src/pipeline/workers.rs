@@ -13,7 +13,7 @@ use tracing::{debug, error, warn};
 use crate::delivery::{Delivered, Deliverer, ReadyTxn};
 use crate::dlq::{DeadLetterWriter, DeadTxn};
 use crate::machine::{self, Release};
-use crate::telemetry::{Metrics, Outcome, ReasonLabel};
+use crate::telemetry::{KindLabel2, Metrics, Outcome, ReasonLabel};
 
 /// Reports from workers to the consumer thread.
 pub(crate) enum Event {
@@ -172,7 +172,13 @@ impl DlqLane {
                     return true;
                 }
                 Err(e) => {
-                    error!(topic = %dead.topic, partition = dead.partition, offset = dead.source_offset(), error = %e, retry_ms = delay.as_millis() as u64, "dead-letter write failed; offset held, retrying");
+                    let kind = e.kind();
+                    self.lane
+                        .metrics
+                        .dead_letter_write_errors
+                        .get_or_create(&KindLabel2 { kind })
+                        .inc();
+                    error!(topic = %dead.topic, partition = dead.partition, offset = dead.source_offset(), kind, error = %e, retry_ms = delay.as_millis() as u64, "dead-letter write failed; offset held, retrying (see offset_held_seconds)");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.lane.cut.cancelled() => return false,
