@@ -86,6 +86,8 @@ pub struct Assignment {
 pub struct Release {
     /// The hold this work kept on the committed offset.
     pub hold: i64,
+    /// Bytes it holds in memory until done (its records), counted in the budget.
+    pub bytes: u64,
     /// The offset to enter into the skip set.
     pub finish: Option<i64>,
 }
@@ -309,6 +311,8 @@ pub struct PartitionMachine {
     first_check: Option<i64>,
     /// Work handed to the driver and not yet reported done.
     queued: usize,
+    /// Bytes of that work (committed transactions, dead-letter groups).
+    queued_bytes: u64,
     /// The highest offset of the skip set loaded on assign.
     replay_until: Option<i64>,
     now_ms: u64,
@@ -367,6 +371,7 @@ impl PartitionMachine {
             gap,
             first_check: a.committed,
             queued: 0,
+            queued_bytes: 0,
             replay_until,
             now_ms,
         };
@@ -412,6 +417,12 @@ impl PartitionMachine {
     /// Work handed out and not yet done (deliveries and dead-letter writes).
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// Bytes of work handed out and not yet done: committed transactions queued or being
+    /// delivered, and dead-letter groups not yet written.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
     }
 
     /// Open transactions.
@@ -475,6 +486,7 @@ impl PartitionMachine {
     /// acknowledged).
     pub fn done(&mut self, r: Release) {
         self.queued = self.queued.saturating_sub(1);
+        self.queued_bytes = self.queued_bytes.saturating_sub(r.bytes);
         self.offsets.release(r.hold);
         if let Some(f) = r.finish {
             self.offsets.finish(f);
@@ -733,17 +745,19 @@ impl PartitionMachine {
         };
         let release = Release {
             hold: t.first_offset,
+            bytes: t.tasks.encoded_len() as u64 + rec.size(),
             finish: Some(offset),
         };
         if let Some((reason, error)) = rejection {
             let mut records = t.tasks;
             records.push(rec);
             let dead = self.dead(Some(id), records, reason, error, None);
-            let Release { hold, finish } = release;
+            let Release { hold, finish, .. } = release;
             self.emit_dead(dead, hold, finish, Some(Fate::DeadLettered), true, out);
             return;
         }
         self.queued += 1;
+        self.queued_bytes += release.bytes;
         out.push(Action::Deliver(
             Committed {
                 id: id.to_string(),
@@ -1032,6 +1046,8 @@ impl PartitionMachine {
         out: &mut Vec<Action>,
     ) {
         self.queued += 1;
+        let bytes = dead.records.encoded_len() as u64;
+        self.queued_bytes += bytes;
         if report {
             out.push(Action::Report(Report::Rejected {
                 offset: dead.records.last().map_or(hold, |r| r.offset),
@@ -1040,7 +1056,15 @@ impl PartitionMachine {
                 error: dead.error.clone(),
             }));
         }
-        out.push(Action::DeadLetter(dead, Release { hold, finish }, fate));
+        out.push(Action::DeadLetter(
+            dead,
+            Release {
+                hold,
+                bytes,
+                finish,
+            },
+            fate,
+        ));
     }
 }
 

@@ -762,6 +762,11 @@ fn check(h: &Harness, model: &Model, end: bool) {
     }
 
     if end {
+        // Every piece of work handed out came back: the memory budget's count is exact.
+        if let Some(m) = &h.m {
+            assert!(h.deliveries.is_empty() && h.dlq.is_empty());
+            assert_eq!((m.queued(), m.queued_bytes()), (0, 0), "work still counted");
+        }
         for i in &insts {
             if exempt(i) {
                 continue;

@@ -26,21 +26,30 @@ impl Engine {
     /// Pauses and resumes partitions (the budget can never deadlock: the partition with
     /// the oldest open transaction keeps reading towards its marker or a limit).
     pub(super) fn back_pressure<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        // The budget covers every record held in memory: staged in open transactions,
+        // queued for delivery, being delivered, or waiting for a dead-letter write.
         let staged: u64 = self.all_parts().map(|p| p.machine.staged_bytes()).sum();
+        let held: u64 = staged
+            + self
+                .all_parts()
+                .map(|p| p.machine.queued_bytes())
+                .sum::<u64>();
         let budget = self.cfg.limits.max_staged_bytes;
-        if staged > budget {
+        if held > budget {
             if !self.over_budget {
                 warn!(
                     staged,
-                    budget, "staged bytes over budget, pausing partitions"
+                    held,
+                    budget,
+                    "bytes held (staged, queued, awaiting dead-letter writes) over budget, pausing partitions"
                 );
             }
             self.over_budget = true;
-        } else if self.over_budget && staged <= budget / 10 * 9 {
+        } else if self.over_budget && held <= budget / 10 * 9 {
             self.over_budget = false;
             info!(
                 staged,
-                budget, "staged bytes back under budget, resuming partitions"
+                held, budget, "bytes held back under budget, resuming partitions"
             );
         }
         let head = if self.over_budget {
