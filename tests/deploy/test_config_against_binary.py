@@ -26,11 +26,12 @@ def _binary() -> Path | None:
     explicit = os.environ.get("TXN_SIDECAR_BIN")
     if explicit:
         return Path(explicit)
-    for profile in ("release", "debug"):
-        candidate = ROOT / "target" / profile / "txn-sidecar"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    # The newest build: a release binary left from a benchmark may be older than the code.
+    built = [
+        c for c in (ROOT / "target" / profile / "txn-sidecar" for profile in ("release", "debug"))
+        if c.is_file() and os.access(c, os.X_OK)
+    ]
+    return max(built, key=lambda c: c.stat().st_mtime, default=None)
 
 
 BIN = _binary()
