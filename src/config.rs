@@ -1094,10 +1094,26 @@ fn check_kafka(r: &mut Reader<'_>, kafka: &BTreeMap<String, String>, rebalance_g
     }
 }
 
+/// Settings for which a value that is set but empty in the environment is an error, not
+/// "unset": an empty Secret or ConfigMap key there would otherwise run against a default
+/// (`localhost:9092`, the default group) and never become ready.
+const NOT_EMPTY_IN_ENV: [&str; 4] = ["brokers", "topic", "group", "app.url"];
+
 fn build(r: &mut Reader<'_>) -> Option<Config> {
+    for key in NOT_EMPTY_IN_ENV {
+        let var = env_name(key);
+        if r.sources.env.get(&var).is_some_and(|v| v.trim().is_empty())
+            && !r.sources.flags.contains_key(key)
+        {
+            r.errors.push((
+                key.to_string(),
+                format!("is set but empty (from env {var}); give it a value or unset the variable"),
+            ));
+        }
+    }
     let brokers = r.string_or("brokers", "localhost:9092");
-    if brokers.trim().is_empty() {
-        r.fail("brokers", "must not be empty");
+    if brokers.split(',').all(|b| b.trim().is_empty()) {
+        r.fail("brokers", "must name at least one host:port");
     }
     let topics = r.topics();
     let group = r.string_or("group", "txn-sidecar");
@@ -1371,6 +1387,29 @@ mod tests {
         assert_eq!(c.protocol, Protocol::KeyPrefix);
         assert_eq!(c.kafka.get("session.timeout.ms").unwrap(), "6000");
         assert_eq!(c.kafka.get("sasl.username").unwrap(), "u");
+    }
+
+    #[test]
+    fn an_essential_setting_set_but_empty_in_the_environment_is_an_error() {
+        for (var, key) in [
+            ("TXN_SIDECAR_BROKERS", "brokers"),
+            ("TXN_SIDECAR_GROUP", "group"),
+            ("TXN_SIDECAR_APP_URL", "app.url"),
+        ] {
+            let mut s = flags(&[("topic", "orders.tx")]);
+            s.env.insert(var.into(), " ".into());
+            let e = Config::load(&s).unwrap_err();
+            let line = e.to_string();
+            assert!(line.contains(key) && line.contains("set but empty"), "{line}");
+            assert!(line.contains(var), "{line}");
+        }
+        // A flag that sets it wins over the empty variable, as flags always do.
+        let mut s = flags(&[("topic", "orders.tx"), ("group", "g")]);
+        s.env.insert("TXN_SIDECAR_GROUP".into(), "".into());
+        assert_eq!(Config::load(&s).unwrap().group, "g");
+        let s = flags(&[("topic", "orders.tx"), ("brokers", " , ")]);
+        let line = Config::load(&s).unwrap_err().to_string();
+        assert!(line.contains("brokers") && line.contains("host:port"), "{line}");
     }
 
     #[test]
