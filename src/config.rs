@@ -1400,7 +1400,10 @@ mod tests {
             s.env.insert(var.into(), " ".into());
             let e = Config::load(&s).unwrap_err();
             let line = e.to_string();
-            assert!(line.contains(key) && line.contains("set but empty"), "{line}");
+            assert!(
+                line.contains(key) && line.contains("set but empty"),
+                "{line}"
+            );
             assert!(line.contains(var), "{line}");
         }
         // A flag that sets it wins over the empty variable, as flags always do.
@@ -1409,7 +1412,10 @@ mod tests {
         assert_eq!(Config::load(&s).unwrap().group, "g");
         let s = flags(&[("topic", "orders.tx"), ("brokers", " , ")]);
         let line = Config::load(&s).unwrap_err().to_string();
-        assert!(line.contains("brokers") && line.contains("host:port"), "{line}");
+        assert!(
+            line.contains("brokers") && line.contains("host:port"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -113,6 +113,15 @@ pub fn write_error_kind(e: &rdkafka::error::KafkaError) -> &'static str {
     }
 }
 
+/// How far the write of one dead-letter group got, kept across the lane's retries so
+/// that acknowledged records are not written again.
+#[derive(Debug, Default)]
+pub struct WriteProgress {
+    acked: std::collections::HashSet<i64>,
+    stubs: std::collections::HashSet<i64>,
+    one_by_one: bool,
+}
+
 /// Bytes a dead-letter record may take before it is written as a stub: librdkafka's
 /// default `message.max.bytes` (the broker's default limit is about the same), less room
 /// for the `txn-dlq-*` headers.
@@ -180,7 +189,11 @@ impl DeadLetterWriter {
     }
 
     /// Writes every record of `dead` to its dead-letter topic and waits for all acks.
-    pub async fn write(&self, dead: &DeadTxn) -> Result<(), DlqError> {
+    pub async fn write(
+        &self,
+        dead: &DeadTxn,
+        progress: &mut WriteProgress,
+    ) -> Result<(), DlqError> {
         let topic = self.cfg.dlq_topic_for(&dead.topic);
         let count = self.partition_count(&topic).await?;
         // One DLQ partition per transaction keeps its tasks before its marker on replay.
@@ -188,21 +201,43 @@ impl DeadLetterWriter {
         // A record that can never be written as it is (too large, refused as invalid) is
         // written as a stub without key, value or its own headers, keeping its source
         // coordinates, reason and size, so it never holds its partition. The first try
-        // stubs what is over the producer's limit; a broker that refuses a record for its
-        // size or form stubs it on the next.
+        // stubs what is over the producer's limit. A broker refuses a whole batch at once,
+        // so after a refusal the records go one per request, and only a record refused on
+        // its own becomes a stub. Acknowledged records are never written again.
         let max = self.max_record_bytes();
-        let mut stubs: std::collections::HashSet<i64> = dead
-            .records
-            .iter()
-            .filter(|r| r.size() > max)
-            .map(|r| r.offset)
-            .collect();
+        for r in dead.records.iter() {
+            if r.size() > max {
+                progress.stubs.insert(r.offset);
+            }
+        }
         loop {
-            match self.write_once(dead, &topic, partition, &stubs).await {
-                Ok(()) => return Ok(()),
-                Err((e, refused)) if !refused.is_empty() && !refused.is_subset(&stubs) => {
-                    tracing::warn!(topic = %dead.topic, partition = dead.partition, offsets = ?refused, error = %e, "dead-letter records refused for their size or form; writing them as stubs");
-                    stubs.extend(refused);
+            let todo: Vec<i64> = dead
+                .records
+                .iter()
+                .map(|r| r.offset)
+                .filter(|o| !progress.acked.contains(o))
+                .collect();
+            let Some(&next) = todo.first() else {
+                return Ok(());
+            };
+            let one = progress.one_by_one.then_some(next);
+            match self
+                .write_once(dead, &topic, partition, progress, one)
+                .await
+            {
+                Ok(()) if one.is_none() => return Ok(()),
+                Ok(()) => {}
+                Err((e, refused)) if !refused.is_empty() => {
+                    if todo.len() > 1 && !progress.one_by_one {
+                        progress.one_by_one = true;
+                        continue;
+                    }
+                    if refused.is_subset(&progress.stubs) {
+                        // Even the stub is refused: nothing smaller can be written.
+                        return Err(e);
+                    }
+                    tracing::warn!(topic = %dead.topic, partition = dead.partition, offsets = ?refused, error = %e, "a dead-letter record refused for its size or form on its own; writing it as a stub");
+                    progress.stubs.extend(refused);
                 }
                 Err((e, _)) => return Err(e),
             }
@@ -217,15 +252,19 @@ impl DeadLetterWriter {
             .map_or(DEFAULT_MAX_RECORD_BYTES, |m| m.saturating_sub(8 * 1024))
     }
 
-    /// One try at writing every record of `dead` (those in `stubs` as stubs); on failure,
-    /// the error and the offsets the broker refused for their size or form.
+    /// One try at writing the records of `dead` not yet acknowledged (all of them, or only
+    /// `one`), those in `progress.stubs` as stubs; acknowledged offsets go into
+    /// `progress.acked`. On failure, the error and the offsets refused for their size or
+    /// form.
     async fn write_once(
         &self,
         dead: &DeadTxn,
         topic: &str,
         partition: i32,
-        stubs: &std::collections::HashSet<i64>,
+        progress: &mut WriteProgress,
+        one: Option<i64>,
     ) -> Result<(), (DlqError, std::collections::HashSet<i64>)> {
+        let stubs = &progress.stubs;
         let topic = topic.to_string();
         let source = format!("{}/{}/{}", dead.topic, dead.partition, dead.source_offset());
         let attempts = dead.attempts.to_string();
@@ -237,6 +276,9 @@ impl DeadLetterWriter {
             error: e.to_string(),
         };
         for rec in dead.records.iter() {
+            if progress.acked.contains(&rec.offset) || one.is_some_and(|o| o != rec.offset) {
+                continue;
+            }
             if stubs.contains(&rec.offset) {
                 let size = rec.size().to_string();
                 let list = stub_headers(rec, dead, &source, &attempts, &size);
@@ -288,7 +330,10 @@ impl DeadLetterWriter {
         let mut first_error = None;
         for (offset, f) in pending {
             let e = match f.await {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(_)) => {
+                    progress.acked.insert(offset);
+                    continue;
+                }
                 Ok(Err((e, _))) => {
                     if matches!(write_error_kind(&e), "too_large" | "invalid_record") {
                         refused.insert(offset);

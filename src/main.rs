@@ -192,7 +192,9 @@ fn main() -> ExitCode {
             };
             txn_sidecar::telemetry::init_logging(cfg.log_format);
             install_panic_logger();
-            match rt.block_on(txn_sidecar::run(cfg, txn_sidecar::shutdown::signal())) {
+            let result = rt.block_on(txn_sidecar::run(cfg, txn_sidecar::shutdown::signal()));
+            txn_sidecar::shutdown::release_runtime(rt);
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "txn-sidecar stopped with an error");

@@ -48,3 +48,14 @@ pub async fn wait_tasks(tracker: &TaskTracker, stage: &str, deadline: Duration) 
         }
     }
 }
+
+/// How long dropping the runtime may wait for blocking work still running after the drain.
+pub const RUNTIME_RELEASE: Duration = Duration::from_millis(500);
+
+/// Drops `rt` after the drain without waiting more than [`RUNTIME_RELEASE`] for blocking
+/// tasks that outlive it (a metadata lookup against a broker that went away can take
+/// its full timeout): the drain has committed what it could, and the exit must keep
+/// `shutdown_grace`.
+pub fn release_runtime(rt: tokio::runtime::Runtime) {
+    rt.shutdown_timeout(RUNTIME_RELEASE);
+}

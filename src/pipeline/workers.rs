@@ -152,9 +152,10 @@ impl DlqLane {
     /// Writes `dead` until acknowledged; `false` if cut off first.
     async fn dead_letter(&self, dead: &DeadTxn, outcome: Option<Outcome>) -> bool {
         let mut delay = self.initial_backoff;
+        let mut progress = crate::dlq::WriteProgress::default();
         loop {
             let r = tokio::select! {
-                r = self.dlq.write(dead) => r,
+                r = self.dlq.write(dead, &mut progress) => r,
                 _ = self.lane.cut.cancelled() => return false,
             };
             match r {

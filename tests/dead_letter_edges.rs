@@ -1,5 +1,5 @@
-//! Red-team findings (review of issues 14 and 17). Each test fails on the code it was
-//! written against; see the report for cause and fix.
+//! Dead-letter writes at their edges: a batch the broker refuses, a write waiting for
+//! metadata when the process is told to stop.
 
 mod common;
 
@@ -67,7 +67,10 @@ async fn a_refused_batch_does_not_turn_records_that_fit_into_stubs() {
         "records of a few bytes were written as payload-less stubs: {summary:#?}"
     );
     assert_eq!(dlq.len(), 3, "{summary:#?}");
-    assert_eq!(dlq[2].headers.get("txn-type").map(String::as_str), Some("commit"));
+    assert_eq!(
+        dlq[2].headers.get("txn-type").map(String::as_str),
+        Some("commit")
+    );
 }
 
 /// The binary's shape (`main`): `block_on(run(..))`, then the runtime is dropped, which
@@ -105,9 +108,11 @@ fn the_process_exits_within_the_grace_while_a_dead_letter_write_waits_for_metada
         kafka.commit(T, 0, "bad");
         kafka.flush();
         let a = app.clone();
-        wait_until(Duration::from_secs(30), "the app got the request", move || {
-            !a.attempts().is_empty()
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "the app got the request",
+            move || !a.attempts().is_empty(),
+        )
         .await;
         // The broker goes away while the app takes its time to reject.
         kafka.inner.cluster().broker_down(1).unwrap();
@@ -118,7 +123,8 @@ fn the_process_exits_within_the_grace_while_a_dead_letter_write_waits_for_metada
         let _ = s.wait().await;
         (at, at.elapsed())
     });
-    drop(rt);
+    // As `main` does after the drain.
+    txn_sidecar::shutdown::release_runtime(rt);
     let took = sigterm_at.elapsed();
     assert!(
         took <= Duration::from_secs(4),
