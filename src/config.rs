@@ -140,6 +140,9 @@ pub struct Limits {
 /// The validated configuration of `txn-sidecar run`.
 #[derive(Clone)]
 pub struct Config {
+    /// Problems that do not stop the start (ignored `TXN_SIDECAR_*` variables), logged
+    /// once logging is up.
+    pub warnings: Vec<String>,
     /// Bootstrap servers.
     pub brokers: String,
     /// Topics to consume.
@@ -1305,7 +1308,31 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         rebalance_grace,
         log_format,
         kafka,
+        warnings: unknown_env_warnings(&r.sources.env),
     })
+}
+
+/// One line per `TXN_SIDECAR_*` variable that sets nothing (a typo, most likely), with
+/// the setting it resembles. Not an error: other tools may share the prefix, and the
+/// variables Kubernetes injects for Services are skipped.
+fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
+    env.keys()
+        .filter(|var| {
+            var.starts_with(ENV_PREFIX)
+                && *var != "TXN_SIDECAR_CONFIG"
+                && !is_service_link_variable(var)
+                && env_key(var).is_none()
+        })
+        .map(|var| {
+            let rest = var.trim_start_matches(ENV_PREFIX);
+            let hint = KNOWN_KEYS
+                .iter()
+                .find(|k| similar(k, rest))
+                .map(|k| format!("; did you mean {} (`{k}`)?", env_name(k)))
+                .unwrap_or_default();
+            format!("environment variable {var} sets no setting and is ignored{hint}")
+        })
+        .collect()
 }
 
 fn parse_url(r: &mut Reader<'_>, key: &str, default: &str) -> Option<url::Url> {
@@ -1415,6 +1442,29 @@ mod tests {
         assert!(
             line.contains("brokers") && line.contains("host:port"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_mistyped_environment_variable_is_reported_with_the_setting_it_resembles() {
+        let mut s = flags(&[("topic", "orders.tx")]);
+        s.env
+            .insert("TXN_SIDECAR_RETRY_MAX_ATTEMPT".into(), "3".into());
+        s.env.insert("TXN_SIDECAR_APPURL".into(), "http://x".into());
+        s.env
+            .insert("TXN_SIDECAR_ADMIN_SERVICE_HOST".into(), "10.0.0.1".into());
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("TXN_SIDECAR_APPURL")
+                && c.warnings[0].contains("TXN_SIDECAR_APP_URL"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings[1].contains("TXN_SIDECAR_RETRY_MAX_ATTEMPTS"),
+            "{:?}",
+            c.warnings
         );
     }
 

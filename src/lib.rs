@@ -177,6 +177,9 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
     )
     .await?;
     tracing::info!(kafka = ?cfg.redacted_kafka(), app = %cfg.app.url, protocol = cfg.protocol.as_str(), "starting");
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     // One connect, so `txn_sidecar_app_up` tells from the start whether the app is there
     // (the connection is kept for the first delivery). Untracked: best effort.
     let app = deliverer.app().clone();
