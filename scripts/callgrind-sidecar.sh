@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs a sidecar binary under callgrind, counting instructions on the consumer thread's
-# loop only (`pipeline::consume` and all it calls), or in the whole process with
+# loop only (`pipeline::poll::consume` and all it calls), or in the whole process with
 # CG_TOGGLE= (empty). Pass it to the benchmark as the sidecar, e.g. for the staging run
 # (BENCHMARKS.md, change 9):
 #
@@ -14,7 +14,7 @@
 set -eu
 : "${CG_BIN:=target/release/txn-sidecar}"
 : "${CG_OUT:=target/bench/callgrind}"
-CG_TOGGLE="${CG_TOGGLE-txn_sidecar::pipeline::consume*}"
+CG_TOGGLE="${CG_TOGGLE-txn_sidecar::pipeline::poll::consume*}"
 command -v valgrind >/dev/null || { echo "callgrind-sidecar: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 mkdir -p "$CG_OUT"
 if [ -n "$CG_TOGGLE" ]; then
