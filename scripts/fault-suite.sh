@@ -4,11 +4,14 @@
 #   scripts/fault-suite.sh           short form (about a minute; also run by `cargo test`)
 #   scripts/fault-suite.sh --long    long form (several minutes, thousands of transactions)
 #   scripts/fault-suite.sh --seed N  another seed (combine with --long as needed)
+#   scripts/fault-suite.sh --tansu   against the tansu broker instead of the mock cluster
+#                                    (same as TXN_SIDECAR_TEST_BROKER=tansu; duplicates
+#                                    are then allowed: tansu drops commit metadata)
 #
 # Exit status is the suite's: 0 when lost, partial, aborted-but-delivered, reordered and
 # duplicates after graceful handoffs are all zero and duplicates after SIGKILLs stay
 # within what the kills could cause. Process logs and report.txt are kept under
-# target/tmp/fault-suite-<form>/.
+# target/tmp/fault-suite-<form>-seed<seed>[-tansu]/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +20,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --long) long=1 ;;
     --seed) shift; export TXN_SIDECAR_FAULT_SEED="${1:?--seed needs a number}" ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1 (use --long, --seed N)" >&2; exit 2 ;;
+    --tansu) export TXN_SIDECAR_TEST_BROKER=tansu ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --long, --seed N, --tansu)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -28,7 +32,7 @@ else
   unset TXN_SIDECAR_FAULT_LONG
 fi
 
-echo "cores: $(nproc 2>/dev/null || echo ?)  form: $([ "$long" = 1 ] && echo long || echo short)"
+echo "cores: $(nproc 2>/dev/null || echo ?)  form: $([ "$long" = 1 ] && echo long || echo short)  broker: ${TXN_SIDECAR_TEST_BROKER:-mock}"
 start=$(date +%s)
 set +e
 cargo test --test fault_injection -- --nocapture --test-threads=1
