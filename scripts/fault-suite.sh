@@ -8,11 +8,14 @@
 #   scripts/fault-suite.sh --protocol classic|consumer
 #                                    one group protocol only (default: both, one after the
 #                                    other; `consumer` is KIP-848)
+#   scripts/fault-suite.sh --tansu   against the tansu broker instead of the mock cluster
+#                                    (same as TXN_SIDECAR_TEST_BROKER=tansu; duplicates
+#                                    are then allowed: tansu drops commit metadata)
 #
 # Exit status is the suite's: 0 when lost, partial, aborted-but-delivered, reordered and
 # duplicates after graceful handoffs are all zero and duplicates after SIGKILLs stay
 # within what the kills could cause. Process logs and report.txt are kept under
-# target/tmp/fault-suite-<form>/.
+# target/tmp/fault-suite-<form>-seed<seed>[-tansu]/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +32,9 @@ while [ $# -gt 0 ]; do
         consumer) filter=(--exact kip848_fault_injection_suite) ;;
         *) echo "--protocol needs classic or consumer" >&2; exit 2 ;;
       esac ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1 (use --long, --seed N, --protocol classic|consumer)" >&2; exit 2 ;;
+    --tansu) export TXN_SIDECAR_TEST_BROKER=tansu ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --long, --seed N, --protocol classic|consumer, --tansu)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -40,7 +44,7 @@ else
   unset TXN_SIDECAR_FAULT_LONG
 fi
 
-echo "cores: $(nproc 2>/dev/null || echo ?)  form: $([ "$long" = 1 ] && echo long || echo short)"
+echo "cores: $(nproc 2>/dev/null || echo ?)  form: $([ "$long" = 1 ] && echo long || echo short)  broker: ${TXN_SIDECAR_TEST_BROKER:-mock}"
 start=$(date +%s)
 set +e
 cargo test --test fault_injection -- --nocapture --test-threads=1 "${filter[@]}"

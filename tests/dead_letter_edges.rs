@@ -27,7 +27,7 @@ async fn a_refused_batch_does_not_turn_records_that_fit_into_stubs() {
     kafka.commit(T, 0, "bad"); // 2
     kafka.flush();
     // The next produce request (the dead-letter write) is refused as too large once.
-    kafka.inner.cluster().request_errors(
+    kafka.mock().cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
     );
@@ -115,7 +115,7 @@ fn the_process_exits_within_the_grace_while_a_dead_letter_write_waits_for_metada
         )
         .await;
         // The broker goes away while the app takes its time to reject.
-        kafka.inner.cluster().broker_down(1).unwrap();
+        kafka.mock().cluster().broker_down(1).unwrap();
         // The 400 arrives; the dead-letter write starts and looks up its topic.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let at = Instant::now();

@@ -40,7 +40,7 @@ async fn failing_fetches_do_not_count_as_caught_up() {
     // From now on the sidecar's fetches fail; the producer is unaffected.
     let errs = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 2000];
     kafka
-        .inner
+        .mock()
         .cluster()
         .request_errors(RDKafkaApiKey::Fetch, &errs);
     kafka.commit(T, 0, "x"); // 3: the marker is in the log
@@ -52,7 +52,7 @@ async fn failing_fetches_do_not_count_as_caught_up() {
         kafka.end_offset(DLQ, 0)
     );
     kafka
-        .inner
+        .mock()
         .cluster()
         .clear_request_errors(RDKafkaApiKey::Fetch);
     let k = &kafka;

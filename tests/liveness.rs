@@ -144,7 +144,7 @@ async fn shutdown_keeps_its_deadline_when_the_coordinator_does_not_answer() {
     app.wait_accepted(1, Duration::from_secs(30)).await;
     // Every request to the only broker (the group coordinator) now takes a minute.
     kafka
-        .inner
+        .mock()
         .cluster()
         .broker_round_trip_time(1, Duration::from_secs(60))
         .unwrap();
@@ -213,7 +213,7 @@ async fn a_dead_letter_topic_that_refuses_writes_is_counted_and_shows_in_offset_
     let app = RecordingApp::start().await;
     app.rule("bad", Answer::status(400));
     kafka
-        .inner
+        .mock()
         .cluster()
         .topic_error(
             DLQ,
@@ -254,7 +254,7 @@ async fn a_dead_letter_topic_that_refuses_writes_is_counted_and_shows_in_offset_
     assert_eq!(kafka.committed("test-group", T, 0).0.unwrap_or(0), 0);
     // Fixed by an operator: the write goes through and the offset moves on.
     kafka
-        .inner
+        .mock()
         .cluster()
         .topic_error(
             DLQ,

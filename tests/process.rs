@@ -1,4 +1,7 @@
 //! The binary as users run it: separate processes, kill -9, SIGTERM, bad config, demo.
+//!
+//! The tests with a broker run on the one `TXN_SIDECAR_TEST_BROKER` selects (`mock`, the
+//! default, or `tansu`; see `tests/common/broker.rs`).
 
 mod common;
 
@@ -50,6 +53,15 @@ impl Proc {
             .spawn()
             .expect("spawn txn-sidecar");
         Proc { child, admin }
+    }
+
+    /// The admin server's `/metrics`, once it answers.
+    async fn metrics(&self) -> Option<String> {
+        let r = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())?;
+        r.text().await.ok()
     }
 
     async fn open_txns(&self) -> Vec<serde_json::Value> {
@@ -107,7 +119,12 @@ async fn kip848_kill_9_loses_nothing_the_next_process_delivers_the_whole_transac
 }
 
 async fn kill_9_loses_nothing(protocol: GroupProtocol) {
-    let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
+    // KIP-848 runs on librdkafka's mock cluster only (tansu speaks the classic protocol).
+    let topics = [(T, 1), ("orders.tx.dlq", 1)];
+    let kafka = match protocol {
+        GroupProtocol::Classic => Kafka::start_selected(&topics),
+        GroupProtocol::Consumer => Kafka::start(&topics),
+    };
     let app = RecordingApp::start().await;
     let mut p1 = Proc::spawn_with(protocol, &kafka.brokers, &app.url());
     kafka.task(T, 0, "done", "0");
@@ -146,7 +163,7 @@ async fn kill_9_loses_nothing(protocol: GroupProtocol) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_commits_and_exits_zero() {
-    let kafka = Kafka::start(&[(T, 1), ("orders.tx.dlq", 1)]);
+    let kafka = Kafka::start_selected(&[(T, 1), ("orders.tx.dlq", 1)]);
     let app = RecordingApp::start().await;
     // The app is slow: the delivery is in flight when SIGTERM arrives and must finish.
     app.script(vec![Answer {
@@ -165,6 +182,235 @@ async fn sigterm_drains_commits_and_exits_zero() {
     assert_eq!(app.accepted_ids(), vec!["a"]);
     assert_eq!(kafka.committed("proc-group", T, 0).0, Some(2), "{stderr}");
     assert!(stderr.contains("leaving the consumer group"), "{stderr}");
+}
+
+const DROPPED: &str = "txn_sidecar_commit_metadata_dropped";
+
+impl Proc {
+    /// Waits until the process stages `tasks` tasks of `id`.
+    async fn wait_staged(&self, id: &str, tasks: u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let open = self.open_txns().await;
+            if open.iter().any(|t| t["id"] == id && t["tasks"] == tasks) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id:?} never staged with {tasks} task(s): {open:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `series` reads `value` on `/metrics`.
+    async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.metrics().await.unwrap_or_default();
+            if metric(&m, series) == Some(value) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} did not read {value} within {WAIT:?}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asserts that `series` reads `value` on every scrape for `window` (at least one).
+    async fn metric_stays(&self, series: &str, value: f64, window: Duration) {
+        let until = Instant::now() + window;
+        let mut scraped = 0;
+        while Instant::now() < until {
+            if let Some(m) = self.metrics().await {
+                assert_eq!(metric(&m, series), Some(value), "{series} in\n{m}");
+                scraped += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(scraped > 0, "/metrics never answered");
+    }
+}
+
+/// How long the gauge must stay 0 on a broker that keeps metadata once a commit with a
+/// non-empty skip set has landed: two periods of re-sending unchanged commit points (every
+/// one a commit with that skip set), plus a second.
+fn quiet_window() -> Duration {
+    txn_sidecar::pipeline::COMMIT_REFRESH * 2 + Duration::from_secs(1)
+}
+
+/// A transaction held open while a later one is delivered makes the skip set non-empty.
+/// tansu drops offset-commit metadata: the sidecar notices (the gauge turns 1) and a
+/// handoff redelivers the later transaction with the same `Idempotency-Key` (plain
+/// at-least-once). The mock keeps the metadata: the gauge stays 0 and the next owner
+/// skips the later transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_drops_commit_metadata_is_noticed_and_handoffs_fall_back_to_at_least_once() {
+    let kafka = Kafka::start_selected(&[(T, 1), ("orders.tx.dlq", 1)]);
+    let kind = kafka.kind();
+    let app = RecordingApp::start().await;
+    let mut p1 = Proc::spawn(&kafka.brokers, &app.url());
+    kafka.task(T, 0, "open", "1"); // offset 0, held open
+    kafka.task(T, 0, "later", "2"); // offset 1
+    kafka.commit(T, 0, "later"); // offset 2
+    kafka.flush();
+    let got = app.wait_accepted(1, WAIT).await;
+    assert_eq!(got[0].id(), "later");
+    assert_eq!(got[0].idempotency_key, format!("{T}/0/2"));
+    // The sidecar stages "open" and commits offset 0 with the skip set {2}.
+    p1.wait_staged("open", 1).await;
+    let k = &kafka;
+    wait_until(WAIT, "offset committed at the open transaction", || {
+        k.committed("proc-group", T, 0).0 == Some(0)
+    })
+    .await;
+    if kind.keeps_commit_metadata() {
+        // The skip set reads back from the broker, so the gauge stays 0.
+        wait_until(WAIT, "the skip set {2} in the committed metadata", || {
+            let (off, meta) = k.committed("proc-group", T, 0);
+            off == Some(0) && txn_sidecar::offsets::decode_metadata(0, &meta) == [2].into()
+        })
+        .await;
+        p1.metric_stays(DROPPED, 0.0, quiet_window()).await;
+    } else {
+        p1.wait_metric(DROPPED, 1.0).await;
+        assert_eq!(
+            kafka.committed("proc-group", T, 0),
+            (Some(0), String::new()),
+            "tansu reads the offset back without its metadata"
+        );
+    }
+    // A graceful handoff: the first process leaves, the next one finishes "open".
+    p1.signal("-TERM");
+    let (code, stderr) = p1.wait_exit(WAIT);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(kafka.committed("proc-group", T, 0).0, Some(0), "{stderr}");
+    kafka.task(T, 0, "open", "3"); // offset 3
+    kafka.commit(T, 0, "open"); // offset 4
+    kafka.flush();
+    let p2 = Proc::spawn(&kafka.brokers, &app.url());
+    let expect: Vec<(&str, String)> = if kind.keeps_commit_metadata() {
+        vec![("later", format!("{T}/0/2")), ("open", format!("{T}/0/4"))]
+    } else {
+        // No skip set survived: "later" again, with the key of its first delivery.
+        vec![
+            ("later", format!("{T}/0/2")),
+            ("later", format!("{T}/0/2")),
+            ("open", format!("{T}/0/4")),
+        ]
+    };
+    let got = app.wait_accepted(expect.len(), WAIT).await;
+    wait_until(WAIT, "the next owner committed past \"open\"", || {
+        k.committed("proc-group", T, 0).0 == Some(5)
+    })
+    .await;
+    assert_eq!(
+        app.accepted()
+            .iter()
+            .map(|g| (g.id(), g.idempotency_key.clone()))
+            .collect::<Vec<_>>(),
+        expect,
+        "deliveries on {}",
+        kind.name()
+    );
+    assert_eq!(got.last().unwrap().task_values(), vec![json!(1), json!(3)]);
+    assert_eq!(app.attempts().len(), expect.len(), "nothing else delivered");
+    let m = p2.metrics().await.unwrap_or_default();
+    let skipped = metric(
+        &m,
+        "txn_sidecar_transactions_total{outcome=\"duplicate_skipped\"}",
+    );
+    assert_eq!(
+        skipped,
+        Some(if kind.keeps_commit_metadata() {
+            1.0
+        } else {
+            0.0
+        }),
+        "{m}"
+    );
+}
+
+/// A delivered transaction whose records straddle the committed offset (its first task
+/// below the first task of one held open, its marker above): a skip set is the only
+/// thing that tells the next owner not to redeliver the tail it replays. Without one (a
+/// broker that drops commit metadata, once the sidecar has noticed), the redelivery
+/// must still be whole: all its tasks, same `Idempotency-Key`; never a partial one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_commit_metadata_a_handoff_redelivers_a_straddling_transaction_whole() {
+    let kafka = Kafka::start_selected(&[(T, 1), ("orders.tx.dlq", 1)]);
+    let kind = kafka.kind();
+    let app = RecordingApp::start().await;
+    let mut p1 = Proc::spawn(&kafka.brokers, &app.url());
+    kafka.task(T, 0, "span", "1"); // offset 0
+    kafka.task(T, 0, "open", "1"); // offset 1, held open
+    kafka.task(T, 0, "span", "2"); // offset 2
+    kafka.commit(T, 0, "span"); // offset 3
+    kafka.flush();
+    let got = app.wait_accepted(1, WAIT).await;
+    assert_eq!(got[0].id(), "span");
+    assert_eq!(got[0].task_values(), vec![json!(1), json!(2)]);
+    p1.wait_staged("open", 1).await;
+    let k = &kafka;
+    if kind.keeps_commit_metadata() {
+        wait_until(WAIT, "offset 1 with the skip set {3} committed", || {
+            let (off, meta) = k.committed("proc-group", T, 0);
+            off == Some(1) && txn_sidecar::offsets::decode_metadata(1, &meta) == [3].into()
+        })
+        .await;
+    } else {
+        // From here on the sidecar knows no skip set survives a handoff.
+        p1.wait_metric(DROPPED, 1.0).await;
+    }
+    p1.signal("-TERM");
+    let (code, stderr) = p1.wait_exit(WAIT);
+    assert_eq!(code, Some(0), "{stderr}");
+    kafka.task(T, 0, "open", "3"); // offset 4
+    kafka.commit(T, 0, "open"); // offset 5
+    kafka.flush();
+    let _p2 = Proc::spawn(&kafka.brokers, &app.url());
+    let a = app.clone();
+    wait_until(WAIT, "\"open\" delivered", || {
+        a.accepted_ids().iter().any(|id| id == "open")
+    })
+    .await;
+    wait_until(WAIT, "the next owner committed past \"open\"", || {
+        k.committed("proc-group", T, 0).0 == Some(6)
+    })
+    .await;
+    let accepted = app.accepted();
+    for g in accepted.iter().filter(|g| g.id() == "span") {
+        assert_eq!(
+            (
+                g.task_values(),
+                g.task_offsets(),
+                g.idempotency_key.as_str()
+            ),
+            (
+                vec![json!(1), json!(2)],
+                vec![0, 2],
+                format!("{T}/0/3").as_str()
+            ),
+            "a partial redelivery of \"span\" on {}: {stderr}",
+            kind.name()
+        );
+    }
+    let open: Vec<_> = accepted.iter().filter(|g| g.id() == "open").collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].task_values(), vec![json!(1), json!(3)]);
+    let ids = app.accepted_ids();
+    if kind.keeps_commit_metadata() {
+        assert_eq!(
+            ids,
+            vec!["span", "open"],
+            "the skip set saved the redelivery"
+        );
+    } else {
+        assert_eq!(ids, vec!["span", "span", "open"], "plain at-least-once");
+    }
+    assert_eq!(app.attempts().len(), ids.len(), "nothing else delivered");
 }
 
 #[test]

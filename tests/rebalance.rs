@@ -2,6 +2,10 @@
 //! duplicate deliveries (graceful handoffs carry the skip set in the commit metadata).
 //! Each scenario runs under both group protocols: classic (cooperative-sticky) and
 //! KIP-848 (`group.protocol=consumer`, broker-side assignment).
+//!
+//! The classic runs of the first scenario use the broker `TXN_SIDECAR_TEST_BROKER` selects
+//! (`mock`, the default, or `tansu`). tansu drops offset-commit metadata, so there
+//! duplicates are allowed (and printed); lost, partial and wrong transactions fail on both.
 
 mod common;
 
@@ -41,6 +45,19 @@ fn check_whole(app: &RecordingApp, n: usize) -> usize {
     seen.values().map(|c| c - 1).sum()
 }
 
+/// Zero duplicates on a broker that keeps commit metadata; on one that drops it (tansu)
+/// the skip set does not survive a handoff and duplicates are allowed.
+fn check_duplicates(kafka: &Kafka, duplicates: usize, after: &str) {
+    if kafka.kind().keeps_commit_metadata() {
+        assert_eq!(duplicates, 0, "duplicates after {after}");
+    } else {
+        println!(
+            "{duplicates} duplicate(s) after {after} on {} (allowed: commit metadata is dropped)",
+            kafka.kind().name()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_and_leave_mid_stream_without_partial_lost_or_duplicate_transactions() {
     join_and_leave(GroupProtocol::Classic).await;
@@ -52,7 +69,12 @@ async fn kip848_members_join_and_leave_mid_stream_without_partial_lost_or_duplic
 }
 
 async fn join_and_leave(protocol: GroupProtocol) {
-    let kafka = Kafka::start(&[(T, 3), ("orders.tx.dlq", 3)]);
+    // KIP-848 runs on librdkafka's mock cluster only (tansu speaks the classic protocol).
+    let topics = [(T, 3), ("orders.tx.dlq", 3)];
+    let kafka = match protocol {
+        GroupProtocol::Classic => Kafka::start_selected(&topics),
+        GroupProtocol::Consumer => Kafka::start(&topics),
+    };
     let app = RecordingApp::start().await;
     let cfg = || config_with(protocol, &kafka.brokers, T, &app.url(), &[]);
     let s1 = txn_sidecar::start(cfg()).await.unwrap();
@@ -77,11 +99,7 @@ async fn join_and_leave(protocol: GroupProtocol) {
     }
     produce_batch(&kafka, 120, 180);
     app.wait_accepted(180, Duration::from_secs(60)).await;
-    assert_eq!(
-        check_whole(&app, 180),
-        0,
-        "duplicates after a graceful handoff"
-    );
+    check_duplicates(&kafka, check_whole(&app, 180), "a graceful handoff");
 
     // The first member leaves gracefully; the second takes everything over.
     s1.shutdown();
@@ -89,11 +107,7 @@ async fn join_and_leave(protocol: GroupProtocol) {
     produce_batch(&kafka, 180, 240);
     app.wait_accepted(240, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        check_whole(&app, 240),
-        0,
-        "duplicates after a graceful leave"
-    );
+    check_duplicates(&kafka, check_whole(&app, 240), "a graceful leave");
     let (_, m) = admin_get(a2, "/metrics").await;
     assert!(
         metric(&m, "txn_sidecar_rebalances_total{kind=\"assign\"}").unwrap() >= 2.0,
@@ -108,6 +122,14 @@ async fn join_and_leave(protocol: GroupProtocol) {
 /// `session.timeout.ms − 1 s`; Apache Kafka refuses them in CompletingRebalance). The member
 /// serves the rebalance, commits under the new generation and only then leaves, so the
 /// next owner does not redeliver what it already delivered.
+///
+/// Mock only. On tansu 0.6.0 this scenario leaves the group stuck about every other run:
+/// when the leader leaves between its JoinGroup response and its SyncGroup, tansu keeps
+/// naming the departed member as leader of every later generation (JoinGroup answers
+/// the remaining member with that LeaderId and no member metadata), so the remaining
+/// member's SyncGroup fails with REBALANCE_IN_PROGRESS every 5 s and it never gets a
+/// partition, long past `session.timeout.ms`. (tansu also accepts commits during the
+/// rebalance, so there the member leaves at once instead of serving it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_during_a_rebalance_commits_before_it_leaves() {
     stopped_during_a_rebalance(GroupProtocol::Classic).await;
@@ -151,10 +173,10 @@ async fn stopped_during_a_rebalance(protocol: GroupProtocol) {
     produce_batch(&kafka, 60, 90);
     app.wait_accepted(90, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
+    check_duplicates(
+        &kafka,
         check_whole(&app, 90),
-        0,
-        "transactions redelivered after a stop during a rebalance (stop took {took:?})"
+        &format!("a stop during a rebalance (stop took {took:?})"),
     );
     s2.shutdown();
     s2.wait().await.unwrap();

@@ -77,7 +77,7 @@ async fn a_rejected_transaction_is_dead_lettered_whole_and_the_partition_moves_o
     app.rule("bad", Answer::status(400));
     // The DLQ topic is unavailable at first: the offset must wait for the DLQ write.
     kafka
-        .inner
+        .mock()
         .cluster()
         .topic_error(DLQ, RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
         .unwrap();
@@ -101,7 +101,7 @@ async fn a_rejected_transaction_is_dead_lettered_whole_and_the_partition_moves_o
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(kafka.committed("test-group", T, 0).0.unwrap_or(0), 0);
     kafka
-        .inner
+        .mock()
         .cluster()
         .topic_error(DLQ, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
         .unwrap();
@@ -504,9 +504,9 @@ async fn a_broker_outage_is_survived_without_loss() {
         k.committed("test-group", T, 0).0 == Some(2)
     })
     .await;
-    kafka.inner.cluster().broker_down(1).unwrap();
+    kafka.mock().cluster().broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    kafka.inner.cluster().broker_up(1).unwrap();
+    kafka.mock().cluster().broker_up(1).unwrap();
     kafka.task(T, 0, "across", "2");
     kafka.commit(T, 0, "across");
     kafka.task(T, 0, "after", "1");

@@ -1,6 +1,9 @@
-//! Shared test fixtures: an embedded Kafka (librdkafka's mock cluster on real TCP), a
-//! recording HTTP app on a loopback port, and condition waits with deadlines.
+//! Shared test fixtures: an embedded Kafka (librdkafka's mock cluster on real TCP, or a
+//! tansu broker process, see [`broker`]), a recording HTTP app on a loopback port, and
+//! condition waits with deadlines.
 #![allow(dead_code)]
+
+pub mod broker;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -20,6 +23,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub use txn_sidecar::config::GroupProtocol;
 use txn_sidecar::config::{Config, Sources};
 use txn_sidecar::embedded::{fast_group_properties, EmbeddedKafka};
+
+pub use broker::BrokerKind;
+use broker::Tansu;
 
 /// A loopback port that was free a moment ago, for a process that binds it itself.
 pub fn free_port() -> u16 {
@@ -41,30 +47,78 @@ pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() ->
     }
 }
 
-/// An embedded Kafka plus a producer for writing test records.
+/// The broker behind a [`Kafka`].
+pub enum Backend {
+    Mock(EmbeddedKafka),
+    Tansu(Tansu),
+}
+
+/// A broker with the test topics plus a producer for writing test records.
 pub struct Kafka {
-    pub inner: EmbeddedKafka,
-    pub brokers: String,
+    // The producer is declared first so that it is dropped before the broker.
     producer: ThreadedProducer<DefaultProducerContext>,
+    pub brokers: String,
+    pub backend: Backend,
 }
 
 impl Kafka {
+    /// librdkafka's mock cluster, in-process, whatever `TXN_SIDECAR_TEST_BROKER` says.
     pub fn start(topics: &[(&str, i32)]) -> Kafka {
-        let inner = EmbeddedKafka::start(1).expect("mock cluster");
-        for (t, p) in topics {
-            inner.create_topic(t, *p).expect("create topic");
-        }
-        let brokers = inner.bootstrap_servers();
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        Kafka::start_on(BrokerKind::Mock, topics)
+    }
+
+    /// The broker `TXN_SIDECAR_TEST_BROKER` selects (`mock`, the default, or `tansu`).
+    pub fn start_selected(topics: &[(&str, i32)]) -> Kafka {
+        Kafka::start_on(BrokerKind::selected(), topics)
+    }
+
+    pub fn start_on(kind: BrokerKind, topics: &[(&str, i32)]) -> Kafka {
+        let backend = match kind {
+            BrokerKind::Mock => {
+                let inner = EmbeddedKafka::start(1).expect("mock cluster");
+                for (t, p) in topics {
+                    inner.create_topic(t, *p).expect("create topic");
+                }
+                Backend::Mock(inner)
+            }
+            BrokerKind::Tansu => {
+                let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tansu");
+                let mut t = Tansu::start(&dir, topics);
+                t.remove_log_on_clean_drop = true;
+                Backend::Tansu(t)
+            }
+        };
+        let brokers = match &backend {
+            Backend::Mock(m) => m.bootstrap_servers(),
+            Backend::Tansu(t) => t.bootstrap.clone(),
+        };
+        let mut pc = ClientConfig::new();
+        pc.set("bootstrap.servers", &brokers)
             .set("linger.ms", "0")
-            .set("enable.idempotence", "true")
-            .create()
-            .expect("producer");
+            .set("enable.idempotence", "true");
+        for (k, v) in kind.producer_properties() {
+            pc.set(*k, *v);
+        }
+        let producer = pc.create().expect("producer");
         Kafka {
-            inner,
-            brokers,
             producer,
+            brokers,
+            backend,
+        }
+    }
+
+    pub fn kind(&self) -> BrokerKind {
+        match self.backend {
+            Backend::Mock(_) => BrokerKind::Mock,
+            Backend::Tansu(_) => BrokerKind::Tansu,
+        }
+    }
+
+    /// The mock cluster, for its fault injection; panics on another broker.
+    pub fn mock(&self) -> &EmbeddedKafka {
+        match &self.backend {
+            Backend::Mock(m) => m,
+            Backend::Tansu(_) => panic!("this test needs librdkafka's mock cluster"),
         }
     }
 

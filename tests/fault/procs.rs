@@ -1,5 +1,6 @@
-//! Processes: the broker (`txn-sidecar mock-kafka`, so it outlives the sidecars) and the
-//! sidecars (`txn-sidecar run`), plus a reader of the group's committed offsets.
+//! Processes: the broker (`txn-sidecar mock-kafka`, or tansu with
+//! `TXN_SIDECAR_TEST_BROKER=tansu`; either outlives the sidecars) and the sidecars
+//! (`txn-sidecar run`), plus a reader of the group's committed offsets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use crate::common::broker::{BrokerKind, Tansu};
 use crate::common::free_port;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_txn-sidecar");
@@ -25,57 +27,98 @@ pub fn kill_cmd(pid: u32, sig: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The mock cluster in its own process.
+/// The broker in its own process: the mock cluster (`txn-sidecar mock-kafka`) or tansu.
 pub struct Broker {
-    child: Child,
+    pub kind: BrokerKind,
+    process: BrokerProcess,
     pub bootstrap: String,
 }
 
+enum BrokerProcess {
+    Mock(Child),
+    Tansu(Tansu),
+}
+
 impl Broker {
+    /// Starts the broker `TXN_SIDECAR_TEST_BROKER` selects; its log goes to `dir`.
     pub fn start(dir: &Path, topics: &[(&str, i32)]) -> Broker {
-        let file = dir.join("bootstrap.txt");
-        let log = File::create(dir.join("broker.log")).expect("broker log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["mock-kafka", "--brokers", "1", "--bootstrap-file"])
-            .arg(&file);
-        for (t, p) in topics {
-            cmd.args(["--topic", &format!("{t}:{p}")]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mock-kafka");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let bootstrap = loop {
-            if let Ok(s) = std::fs::read_to_string(&file) {
-                if !s.trim().is_empty() {
-                    break s.trim().to_string();
+        let kind = BrokerKind::selected();
+        match kind {
+            BrokerKind::Mock => {
+                let (child, bootstrap) = start_mock(dir, topics);
+                Broker {
+                    kind,
+                    process: BrokerProcess::Mock(child),
+                    bootstrap,
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "mock-kafka did not write {}",
-                file.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Broker { child, bootstrap }
+            BrokerKind::Tansu => {
+                let t = Tansu::start(dir, topics);
+                let bootstrap = t.bootstrap.clone();
+                Broker {
+                    kind,
+                    process: BrokerProcess::Tansu(t),
+                    bootstrap,
+                }
+            }
+        }
     }
+
+    pub fn pid(&self) -> u32 {
+        match &self.process {
+            BrokerProcess::Mock(c) => c.id(),
+            BrokerProcess::Tansu(t) => t.pid(),
+        }
+    }
+}
+
+fn start_mock(dir: &Path, topics: &[(&str, i32)]) -> (Child, String) {
+    let file = dir.join("bootstrap.txt");
+    let log = File::create(dir.join("broker.log")).expect("broker log");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mock-kafka", "--brokers", "1", "--bootstrap-file"])
+        .arg(&file);
+    for (t, p) in topics {
+        cmd.args(["--topic", &format!("{t}:{p}")]);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn mock-kafka");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let bootstrap = loop {
+        if let Ok(s) = std::fs::read_to_string(&file) {
+            if !s.trim().is_empty() {
+                break s.trim().to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mock-kafka did not write {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (child, bootstrap)
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        kill_cmd(self.child.id(), "-TERM");
+        // tansu is killed by its own Drop.
+        let BrokerProcess::Mock(child) = &mut self.process else {
+            return;
+        };
+        kill_cmd(child.id(), "-TERM");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -130,15 +130,25 @@ pub struct ProducerRun {
 }
 
 impl ProducerRun {
-    /// Starts writing `plan` to `topic` over about `duration`.
-    pub fn start(brokers: &str, topic: &str, plan: &Plan, duration: Duration) -> ProducerRun {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    /// Starts writing `plan` to `topic` over about `duration`; `extra` are producer
+    /// properties the broker needs (see `BrokerKind::producer_properties`).
+    pub fn start(
+        brokers: &str,
+        extra: &[(&str, &str)],
+        topic: &str,
+        plan: &Plan,
+        duration: Duration,
+    ) -> ProducerRun {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer");
+            .set("linger.ms", "5");
+        for (k, v) in extra {
+            config.set(*k, *v);
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> = config.create().expect("producer");
         let done = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let txns = plan.txns.clone();
