@@ -86,6 +86,9 @@ pub struct Assignment {
 pub struct Release {
     /// The hold this work kept on the committed offset.
     pub hold: i64,
+    /// The first offset of the instance it finishes (the hold, except for a later record
+    /// of a tombstoned instance).
+    pub first: i64,
     /// Bytes it holds in memory until done (its records), counted in the budget.
     pub bytes: u64,
     /// The offset to enter into the skip set.
@@ -445,6 +448,18 @@ impl PartitionMachine {
         self.tombstones.len()
     }
 
+    /// The broker drops offset-commit metadata: commit points stop relying on it (see
+    /// [`OffsetTracker::skip_set_lost`]).
+    pub fn metadata_unreliable(&mut self) {
+        self.offsets.skip_set_lost();
+    }
+
+    /// A commit was read back with its metadata: commit points may rely on it (see
+    /// [`OffsetTracker::metadata_kept`]).
+    pub fn metadata_kept(&mut self) {
+        self.offsets.metadata_kept();
+    }
+
     /// The offset bookkeeping (committed, consumed, safe offsets).
     pub fn offsets(&self) -> &OffsetTracker {
         &self.offsets
@@ -489,7 +504,7 @@ impl PartitionMachine {
         self.queued_bytes = self.queued_bytes.saturating_sub(r.bytes);
         self.offsets.release(r.hold);
         if let Some(f) = r.finish {
-            self.offsets.finish(f);
+            self.offsets.finish(f, r.first);
             self.closing.remove(&f);
             if let Some((id, first)) = self.tomb_writes.remove(&f) {
                 let live = self.tombstones.get_mut(&id).filter(|t| t.first == first);
@@ -597,6 +612,12 @@ impl PartitionMachine {
         self.now_ms = self.now_ms.max(now_ms);
         let offset = rec.offset;
         if let Some(committed) = self.first_check.take() {
+            if offset == committed {
+                // The log continues exactly where the committed offset says: whatever the
+                // log's bounds suggested at assign (a broker can misreport its end), no
+                // record was lost.
+                self.gap = None;
+            }
             if offset < committed {
                 // librdkafka reset the position below the committed offset (the log was
                 // truncated or the offset fell out of range): the skip set names
@@ -745,6 +766,7 @@ impl PartitionMachine {
         };
         let release = Release {
             hold: t.first_offset,
+            first: t.first_offset,
             bytes: t.tasks.encoded_len() as u64 + rec.size(),
             finish: Some(offset),
         };
@@ -1047,6 +1069,9 @@ impl PartitionMachine {
     ) {
         self.queued += 1;
         let bytes = dead.records.encoded_len() as u64;
+        // A later record of a tombstoned instance names the instance's first record as
+        // its source.
+        let first = dead.source.map_or(hold, |s| s.min(hold));
         self.queued_bytes += bytes;
         if report {
             out.push(Action::Report(Report::Rejected {
@@ -1060,6 +1085,7 @@ impl PartitionMachine {
             dead,
             Release {
                 hold,
+                first,
                 bytes,
                 finish,
             },

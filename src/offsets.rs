@@ -31,6 +31,15 @@ pub struct OffsetTracker {
     /// Offsets whose handling is complete: commit markers of delivered or dead-lettered
     /// transactions and single dead-lettered records. Includes the set loaded on assign.
     finished: BTreeSet<i64>,
+    /// The first offset of the instance each finished offset ends (known for what this
+    /// owner finished): an instance the committed offset passes is safe only while its
+    /// finished offset travels in the skip set.
+    firsts: BTreeMap<i64, i64>,
+    /// Whether the broker is known to keep commit metadata. Until a commit has been read
+    /// back with it, the skip set and tombstones are written but not relied on.
+    metadata_trusted: bool,
+    /// The broker was seen dropping commit metadata (for good).
+    metadata_dropped: bool,
     /// Last offset handed to a commit.
     committed: Option<i64>,
 }
@@ -191,6 +200,9 @@ impl OffsetTracker {
             pending: BTreeMap::new(),
             next: None,
             finished,
+            firsts: BTreeMap::new(),
+            metadata_trusted: false,
+            metadata_dropped: false,
             committed,
         }
     }
@@ -231,9 +243,27 @@ impl OffsetTracker {
         }
     }
 
-    /// Records that the work ending at `offset` is complete and must not be redone.
-    pub fn finish(&mut self, offset: i64) {
+    /// Records that the work ending at `offset`, whose instance began at `first`, is
+    /// complete and must not be redone.
+    pub fn finish(&mut self, offset: i64, first: i64) {
         self.finished.insert(offset);
+        let f = self.firsts.entry(offset).or_insert(first);
+        *f = (*f).min(first);
+    }
+
+    /// The broker was seen dropping commit metadata: from now on the committed offset
+    /// never passes the first record of a finished instance whose end lies above it (a new
+    /// owner redelivers such an instance whole instead of its tail), nor a tombstone's head.
+    pub fn skip_set_lost(&mut self) {
+        self.metadata_dropped = true;
+        self.metadata_trusted = false;
+    }
+
+    /// A commit was read back with its metadata: the broker keeps it, and commit points
+    /// may rely on the skip set and tombstones travelling. Until then they are written but
+    /// not relied on, as if lost.
+    pub fn metadata_kept(&mut self) {
+        self.metadata_trusted = !self.metadata_dropped;
     }
 
     /// The offset a commit may carry now, if anything was consumed or committed.
@@ -315,9 +345,44 @@ impl OffsetTracker {
                 not_carried += 1;
             }
         }
+        // A finished instance the offset passes (first record below it, end at or above) is
+        // safe only while its end travels in the skip set: a new owner would otherwise
+        // replay its tail alone. Where the skip set cannot carry it (it overflows, or the
+        // broker drops metadata), the offset stays at its first record; never below the
+        // last commit, whose entries below it are gone.
+        let floor = self.committed.unwrap_or(i64::MIN);
+        let lost = !self.metadata_trusted;
+        if lost {
+            // Tombstones cannot travel either: the offset stays at their heads, where a
+            // new owner at least sees the whole instance.
+            if let Some(t) = tombstones
+                .iter()
+                .map(|t| t.first)
+                .filter(|f| *f < offset)
+                .min()
+            {
+                offset = t.max(floor).min(offset);
+            }
+        }
+        let (metadata, dropped) = loop {
+            let (metadata, dropped, cut) = encode_metadata_cut(offset, &self.finished, &tail);
+            let from = if lost { Some(offset) } else { cut };
+            let lower = from.and_then(|from| {
+                self.finished
+                    .range(from..)
+                    .filter_map(|e| self.firsts.get(e))
+                    .filter(|f| **f < offset)
+                    .min()
+                    .copied()
+            });
+            match lower.map(|l| l.max(floor)) {
+                Some(l) if l < offset => offset = l,
+                _ => break (metadata, dropped),
+            }
+        };
         // Entries below the offset will never be read again by anyone.
         self.finished = self.finished.split_off(&offset);
-        let (metadata, dropped) = encode_metadata_with(offset, &self.finished, &tail);
+        self.firsts = self.firsts.split_off(&offset);
         Some(CommitPoint {
             offset,
             metadata,
@@ -352,19 +417,26 @@ impl OffsetTracker {
 /// Keeps the lowest offsets that fit, since the next owner reaches those first; the
 /// count of those that did not fit is returned (they are redelivered, never lost).
 pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
-    encode_metadata_with(base, finished, "")
+    let (m, dropped, _) = encode_metadata_cut(base, finished, "");
+    (m, dropped)
 }
 
 /// [`encode_metadata`] with encoded tombstones (`tail`) after the skip set, which gets
-/// the bytes they leave.
-fn encode_metadata_with(base: i64, finished: &BTreeSet<i64>, tail: &str) -> (String, usize) {
+/// the bytes they leave; also the lowest finished offset left out, if any.
+fn encode_metadata_cut(
+    base: i64,
+    finished: &BTreeSet<i64>,
+    tail: &str,
+) -> (String, usize, Option<i64>) {
     let limit = MAX_METADATA_BYTES.saturating_sub(tail.len());
     let mut out = format!("{METADATA_PREFIX}{base}:");
     let mut prev = base;
     let mut written = 0;
+    let mut cut = None;
     for &o in finished.range(base..) {
         let piece = format!("{}{}", if written == 0 { "" } else { "," }, o - prev);
         if out.len() + piece.len() > limit {
+            cut = Some(o);
             break;
         }
         out.push_str(&piece);
@@ -373,7 +445,7 @@ fn encode_metadata_with(base: i64, finished: &BTreeSet<i64>, tail: &str) -> (Str
     }
     let total = finished.range(base..).count();
     out.push_str(tail);
-    (out, total - written)
+    (out, total - written, cut)
 }
 
 /// Decodes metadata written by [`encode_metadata`]. Anything else (another tool's
@@ -426,14 +498,14 @@ mod tests {
         t.hold(1); // txn b opens at 1
         t.consumed(2); // b commits at 2
         t.release(1);
-        t.finish(2);
+        t.finish(2, 1);
         assert_eq!(t.safe_offset(), Some(0));
         let cp = t.commit_point(&[]).unwrap();
         assert_eq!(cp.offset, 0);
         assert_eq!(cp.metadata, "txs2:0:2");
         t.consumed(3);
         t.release(0);
-        t.finish(3);
+        t.finish(3, 0);
         assert_eq!(t.safe_offset(), Some(4));
         assert_eq!(t.commit_point(&[]).unwrap().metadata, "txs2:4:");
     }
@@ -460,7 +532,7 @@ mod tests {
         for o in 0..10 {
             t.consumed(o);
         }
-        t.finish(9);
+        t.finish(9, 9);
         let id = "order,42;%x";
         let tomb = [Carried {
             first: 3,
@@ -575,7 +647,7 @@ mod tests {
                         if let Some(&j) = ready.get(i % ready.len().max(1)) {
                             txns[j].2 = true;
                             t.release(txns[j].0);
-                            t.finish(txns[j].1.unwrap());
+                            t.finish(txns[j].1.unwrap(), txns[j].0);
                         }
                     }
                     Step::CommitOffsets => {

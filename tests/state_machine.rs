@@ -169,6 +169,11 @@ enum Op {
     },
     Retention(usize),
     Operator(usize),
+    /// The broker keeps the committed offset but drops its metadata (a broker's property:
+    /// only before the driver has read a commit back).
+    DropMetadata,
+    /// The driver reads a commit back and learns whether the broker keeps metadata.
+    ReadBack,
 }
 
 struct Reference;
@@ -222,6 +227,8 @@ impl ReferenceStateMachine for Reference {
             1 => any::<bool>().prop_map(|crash| Op::Rebalance { crash }),
             1 => (1usize..6).prop_map(Op::Retention),
             1 => (0usize..4).prop_map(Op::Operator),
+            1 => Just(Op::DropMetadata),
+            2 => Just(Op::ReadBack),
         ]
         .boxed()
     }
@@ -340,6 +347,10 @@ struct Harness {
     fresh_starts: Vec<i64>,
     uncommitted_dead: Vec<i64>,
     uncommitted_delivered: Vec<i64>,
+    /// The broker drops commit metadata (once set, for good).
+    drops_metadata: bool,
+    /// The driver has read a commit back (and told the machines what it found).
+    read_back: bool,
     actions: Vec<Action>,
 }
 
@@ -408,6 +419,14 @@ impl Harness {
             &mut self.actions,
         );
         self.m = Some(m);
+        if self.read_back {
+            let m = self.m.as_mut().unwrap();
+            if self.drops_metadata {
+                m.metadata_unreliable();
+            } else {
+                m.metadata_kept();
+            }
+        }
         self.run(log);
     }
 
@@ -420,7 +439,12 @@ impl Harness {
         };
         if let Some(cp) = cp {
             m.committed(cp.offset);
-            self.committed = Some((cp.offset, cp.metadata));
+            let metadata = if self.drops_metadata {
+                String::new()
+            } else {
+                cp.metadata
+            };
+            self.committed = Some((cp.offset, metadata));
         }
     }
 }
@@ -451,6 +475,8 @@ impl StateMachineTest for Test {
             fresh_starts: Vec::new(),
             uncommitted_dead: Vec::new(),
             uncommitted_delivered: Vec::new(),
+            drops_metadata: false,
+            read_back: false,
             actions: Vec::new(),
         };
         h.assign(&model.log);
@@ -557,6 +583,22 @@ impl StateMachineTest for Test {
                 // Retention deletes only what this member has consumed.
                 h.log_start = (h.log_start + k).min(h.pos);
             }
+            Op::DropMetadata => {
+                if !h.read_back {
+                    h.drops_metadata = true;
+                }
+            }
+            Op::ReadBack => {
+                if h.committed.is_some() {
+                    h.read_back = true;
+                    let m = h.m.as_mut().unwrap();
+                    if h.drops_metadata {
+                        m.metadata_unreliable();
+                    } else {
+                        m.metadata_kept();
+                    }
+                }
+            }
             Op::Operator(i) => {
                 let m = h.m.as_mut().unwrap();
                 let mut ids: Vec<String> = m.open().iter().map(|(id, _)| id.to_string()).collect();
@@ -646,7 +688,11 @@ fn check(h: &Harness, model: &Model, end: bool) {
         let after_gap = i
             .end
             .is_some_and(|(o, _)| h.uncommitted_delivered.contains(&o));
+        // Without commit metadata no tombstone travels: a new owner decides an instance
+        // dead-lettered while open afresh (documented); it never delivers part of one.
+        let no_metadata = h.drops_metadata && i.records.iter().any(|o| dead.contains(o));
         exempt(i)
+            || no_metadata
             || after_gap
             || i.records.iter().any(|o| h.uncommitted_dead.contains(o))
             || h.gap_positions.iter().any(|g| first < *g && last >= *g)
@@ -719,7 +765,7 @@ fn check(h: &Harness, model: &Model, end: bool) {
     for (c, _) in &h.app {
         *count.entry(*c).or_insert(0) += 1;
     }
-    if h.crashes.is_empty() {
+    if h.crashes.is_empty() && !h.drops_metadata {
         for (c, n) in &count {
             assert_eq!(*n, 1, "commit {c} delivered {n} times without a crash");
         }

@@ -101,10 +101,15 @@ impl Engine {
         }
     }
 
-    /// Reads back, once per partition, a commit this member sent (its metadata names the
-    /// offset, and the skip set and tombstones when there are any). A broker that returns the offset without the metadata keeps no skip
-    /// set across a handoff: logged once and shown by `commit_metadata_dropped`.
+    /// Reads back a commit this member sent (its metadata names the offset, and the skip set
+    /// and tombstones when there are any) until the broker's handling is known. A broker
+    /// that keeps it lets commit points rely on it; one that returns the offset without it
+    /// keeps no skip set across a handoff: logged once, shown by `commit_metadata_dropped`,
+    /// and commit points stay conservative (see `OffsetTracker::skip_set_lost`).
     pub(super) fn check_metadata_kept<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if self.metadata_kept || self.metadata_dropped {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
         for p in self.all_parts() {
             if !p.metadata_checked && !p.sent.is_empty() {
@@ -133,9 +138,21 @@ impl Engine {
             }
             p.sent.clear();
             p.metadata_checked = true;
+            if !metadata.is_empty() && !self.metadata_dropped && !self.metadata_kept {
+                // The broker keeps it: from now on commit points rely on the skip set and
+                // the tombstones travelling (until then they stayed conservative).
+                self.metadata_kept = true;
+                for p in self.all_parts_mut() {
+                    p.machine.metadata_kept();
+                }
+                tracing::debug!(topic = %topic, partition, offset, "the broker keeps offset-commit metadata");
+            }
             if metadata.is_empty() && !self.metadata_dropped {
                 self.metadata_dropped = true;
                 self.metrics.commit_metadata_dropped.set(1);
+                for p in self.all_parts_mut() {
+                    p.machine.metadata_unreliable();
+                }
                 warn!(topic = %topic, partition, offset, "the broker dropped the offset-commit metadata: skip sets and tombstones do not survive a handoff here, delivery is plain at-least-once with the stable Idempotency-Key");
             }
         }

@@ -124,6 +124,8 @@ pub struct Engine {
     shutting_down: bool,
     /// The broker was seen dropping offset-commit metadata (logged once).
     metadata_dropped: bool,
+    /// A commit was read back with its metadata: the broker keeps it.
+    metadata_kept: bool,
 }
 
 impl Engine {
@@ -165,6 +167,7 @@ impl Engine {
             commands,
             shutting_down: false,
             metadata_dropped: false,
+            metadata_kept: false,
         }
     }
 

@@ -41,8 +41,9 @@ impl Engine {
             if refresh {
                 self.last_refresh = now;
             }
-            if refresh {
-                // Before sending again: the last commits have landed by now.
+            if refresh || !(self.metadata_kept || self.metadata_dropped) {
+                // Before sending again: the last commits have landed by now. Until the
+                // broker's handling of commit metadata is known, every tick asks.
                 self.check_metadata_kept(consumer);
             }
             self.commit_async(consumer, refresh);

@@ -76,6 +76,10 @@ impl Engine {
                 },
                 None => (None, String::new()),
             };
+            // Metadata this sidecar wrote, read back: the broker keeps it.
+            if metadata.starts_with("txs") && !self.metadata_dropped {
+                self.metadata_kept = true;
+            }
             // The log's bounds tell an offset gap (retention, truncation) from control
             // records, which also leave the first record above the committed offset.
             let (log_start, log_end) = match offset {
@@ -96,7 +100,7 @@ impl Engine {
                 log_start,
                 log_end,
             };
-            let machine = PartitionMachine::assigned(
+            let mut machine = PartitionMachine::assigned(
                 topic.clone(),
                 partition,
                 settings,
@@ -104,6 +108,11 @@ impl Engine {
                 now_ms,
                 &mut self.actions,
             );
+            if self.metadata_dropped {
+                machine.metadata_unreliable();
+            } else if self.metadata_kept {
+                machine.metadata_kept();
+            }
             self.generation += 1;
             let generation = self.generation;
             let (tx, rx) = unbounded_channel();
@@ -155,6 +164,11 @@ impl Engine {
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
             self.parts.entry(topic).or_default().insert(partition, part);
+        }
+        if self.metadata_kept && !self.metadata_dropped {
+            for p in self.all_parts_mut() {
+                p.machine.metadata_kept();
+            }
         }
         // librdkafka keeps an application's pause across unassign: a partition paused by
         // back-pressure before it was revoked would come back paused while its new state
