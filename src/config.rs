@@ -1261,8 +1261,10 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
     }
     let limits = Limits {
         max_tasks_per_txn: r.u64_or("limits.max_tasks_per_txn", 10_000) as usize,
-        max_txn_bytes: r.u64_or("limits.max_txn_bytes", 64 << 20),
-        max_staged_bytes: r.u64_or("limits.max_staged_bytes", 512 << 20),
+        // With the consumer's prefetch and fetch defaults (`kafka::consumer_config`), these
+        // add up to a 512 MiB pod limit at 8 partitions (README, "The memory budget").
+        max_txn_bytes: r.u64_or("limits.max_txn_bytes", 16 << 20),
+        max_staged_bytes: r.u64_or("limits.max_staged_bytes", 192 << 20),
         max_queued_per_partition: r.u64_or("limits.max_queued_per_partition", 1_000) as usize,
     };
     for (k, v) in [

@@ -55,6 +55,15 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // backlog: 119k -> 437k records/s (BENCHMARKS.md, staging throughput).
         c.set("fetch.queue.backoff.ms", "10");
     }
+    // librdkafka's defaults (64 MiB prefetched, 50 MiB per fetch response) come on top of
+    // the sidecar's own budget; these keep the whole within a 512 MiB pod limit with the
+    // default budget (README, "The memory budget").
+    if !cfg.kafka.contains_key("queued.max.messages.kbytes") {
+        c.set("queued.max.messages.kbytes", "32768");
+    }
+    if !cfg.kafka.contains_key("fetch.max.bytes") {
+        c.set("fetch.max.bytes", "16777216");
+    }
     if !cfg.kafka.contains_key("fetch.wait.max.ms") {
         // A broker holds a fetch that finds no data for up to this long, and librdkafka
         // sends a broker's next fetch only when the last one has returned. So a partition

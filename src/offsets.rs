@@ -511,6 +511,40 @@ mod tests {
     }
 
     #[test]
+    fn without_trusted_metadata_the_offset_never_passes_a_finished_instance() {
+        // a: 0..=3 delivered; b opens at 2 and holds the offset.
+        let mut t = OffsetTracker::assigned(None, "");
+        for o in 0..4 {
+            t.consumed(o);
+        }
+        t.hold(2);
+        t.finish(3, 0);
+        // Until the broker is known to keep metadata, a's end may not survive a
+        // handoff: the offset stays at a's first record, not at b's.
+        assert_eq!(t.final_commit_point(&[]).unwrap().offset, 0);
+        t.metadata_kept();
+        assert_eq!(t.final_commit_point(&[]).unwrap().offset, 2);
+        t.committed_at(2);
+        // A broker seen dropping it: conservative again, but never below the last commit.
+        t.skip_set_lost();
+        t.metadata_kept();
+        assert_eq!(t.final_commit_point(&[]).unwrap().offset, 2);
+        let tomb = [Carried {
+            first: 2,
+            written: 2,
+            source: 2,
+            reason: "expired",
+            id: "b",
+        }];
+        t.release(2);
+        assert_eq!(
+            t.final_commit_point(&tomb).unwrap().offset,
+            2,
+            "held at the head"
+        );
+    }
+
+    #[test]
     fn metadata_round_trips_and_rejects_garbage() {
         let set: BTreeSet<i64> = [10, 12, 30].into_iter().collect();
         let (m, dropped) = encode_metadata(5, &set);
@@ -529,6 +563,8 @@ mod tests {
     #[test]
     fn tombstones_travel_in_the_metadata_or_hold_the_offset() {
         let mut t = OffsetTracker::assigned(None, "");
+        // Read back once: the broker keeps metadata.
+        t.metadata_kept();
         for o in 0..10 {
             t.consumed(o);
         }
