@@ -208,6 +208,28 @@ pub struct Committed {
     pub marker: crate::protocol::Record,
 }
 
+impl Committed {
+    /// The transaction as the delivery worker takes it, consumed from `topic`/`partition`
+    /// and committed at `committed_at` (the driver's clock, for the latency histogram).
+    pub fn into_ready(
+        self,
+        topic: Arc<str>,
+        partition: i32,
+        committed_at: std::time::Instant,
+    ) -> ReadyTxn {
+        ReadyTxn {
+            topic,
+            partition,
+            id: self.id,
+            commit_offset: self.commit_offset,
+            first_offset: self.first_offset,
+            tasks: self.tasks,
+            marker: self.marker,
+            committed_at,
+        }
+    }
+}
+
 /// How a dead-lettered group counts among transaction outcomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {

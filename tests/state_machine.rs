@@ -363,19 +363,9 @@ impl Harness {
         let actions = std::mem::take(&mut self.actions);
         for a in actions {
             match a {
-                Action::Deliver(c, r) => self.deliveries.push_back((
-                    ReadyTxn {
-                        topic: Arc::from("t"),
-                        partition: 0,
-                        id: c.id,
-                        commit_offset: c.commit_offset,
-                        first_offset: c.first_offset,
-                        tasks: c.tasks,
-                        marker: c.marker,
-                        committed_at: Instant::now(),
-                    },
-                    r,
-                )),
+                Action::Deliver(c, r) => self
+                    .deliveries
+                    .push_back((c.into_ready(Arc::from("t"), 0, Instant::now()), r)),
                 Action::DeadLetter(d, r, _) => self.dlq.push_back((d, r)),
                 Action::Report(Report::TombstoneForgotten { id, .. }) => {
                     let id = IDS.iter().find(|x| **x == id).copied().unwrap();

@@ -277,16 +277,11 @@ fn carry_out(p: &mut Part, actions: &mut Vec<Action>, metrics: &Metrics) {
     for a in actions.drain(..) {
         match a {
             Action::Deliver(c, release) => {
-                let txn = ReadyTxn {
-                    topic: p.machine.topic().clone(),
-                    partition: p.machine.partition(),
-                    id: c.id,
-                    commit_offset: c.commit_offset,
-                    first_offset: c.first_offset,
-                    tasks: c.tasks,
-                    marker: c.marker,
-                    committed_at: Instant::now(),
-                };
+                let txn = c.into_ready(
+                    p.machine.topic().clone(),
+                    p.machine.partition(),
+                    Instant::now(),
+                );
                 // A closed channel means the worker is gone (revoke in progress); the
                 // hold stays, so the offset is not committed past it and the next owner
                 // redoes it.
