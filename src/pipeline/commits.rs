@@ -112,7 +112,7 @@ impl Engine {
         }
         let mut tpl = TopicPartitionList::new();
         for p in self.all_parts() {
-            if !p.metadata_checked && !p.sent.is_empty() {
+            if !p.sent.is_empty() {
                 tpl.add_partition(p.machine.topic(), p.machine.partition());
             }
         }
@@ -137,7 +137,6 @@ impl Engine {
                 continue;
             }
             p.sent.clear();
-            p.metadata_checked = true;
             if !metadata.is_empty() && !self.metadata_dropped && !self.metadata_kept {
                 // The broker keeps it: from now on commit points rely on the skip set and
                 // the tombstones travelling (until then they stayed conservative).
@@ -230,9 +229,9 @@ fn count_overflow(p: &mut Part, cp: &CommitPoint, metrics: &crate::telemetry::Me
 }
 
 /// Remembers a commit (every commit carries metadata, `txs2:<offset>:` at least), to read
-/// one back once.
+/// one back until the broker's handling of metadata is known.
 fn note_metadata(p: &mut Part, cp: &CommitPoint) {
-    if !p.metadata_checked && !cp.metadata.is_empty() {
+    if !cp.metadata.is_empty() {
         if p.sent.len() >= 32 {
             p.sent.pop_front();
         }

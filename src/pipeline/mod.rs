@@ -89,7 +89,6 @@ pub(crate) struct Part {
     /// Offsets recently committed with metadata, until one is read back (see
     /// [`Engine::check_metadata_kept`]).
     sent: std::collections::VecDeque<i64>,
-    metadata_checked: bool,
     /// Skip-set entries and tombstones the last commit left out (counted by increase).
     overflow: (u64, u64),
     /// The safe offset while it lies below the consumed position, and since when.

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -125,8 +124,6 @@ impl Engine {
         p.last_end_query = Some(Instant::now());
         // The position counts control records (transaction markers), which the log end
         // does too; the last consumed offset does not.
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(t, n);
         let position =
             consumer
                 .position()

@@ -160,7 +160,6 @@ impl Engine {
                 sent: Default::default(),
                 overflow: (0, 0),
                 held: None,
-                metadata_checked: false,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
             self.parts.entry(topic).or_default().insert(partition, part);
