@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs a sidecar binary under callgrind, counting instructions on the consumer thread's
-# loop only (`pipeline::poll::consume` and all it calls), or in the whole process with
-# CG_TOGGLE= (empty). Pass it to the benchmark as the sidecar, e.g. for the staging run
+# loop and the reader threads only (`pipeline::poll::consume`, `pipeline::readers::run`
+# and all they call), or in the whole process with CG_TOGGLE= (empty). CG_TOGGLE takes
+# comma-separated function patterns. Pass it to the benchmark as the sidecar, e.g. for the staging run
 # (BENCHMARKS.md, change 9):
 #
 #   CG_BIN=target/release/txn-sidecar CG_OUT=/tmp/cg \
@@ -14,11 +15,17 @@
 set -eu
 : "${CG_BIN:=target/release/txn-sidecar}"
 : "${CG_OUT:=target/bench/callgrind}"
-CG_TOGGLE="${CG_TOGGLE-txn_sidecar::pipeline::poll::consume*}"
+CG_TOGGLE="${CG_TOGGLE-txn_sidecar::pipeline::poll::consume*,txn_sidecar::pipeline::readers::run*}"
 command -v valgrind >/dev/null || { echo "callgrind-sidecar: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 mkdir -p "$CG_OUT"
 if [ -n "$CG_TOGGLE" ]; then
+  toggles=""
+  set -f  # the patterns hold `*`: no file-name expansion
+  old_ifs="$IFS"; IFS=","
+  for t in $CG_TOGGLE; do toggles="$toggles --toggle-collect=$t"; done
+  IFS="$old_ifs"
+  # shellcheck disable=SC2086 # one argument per pattern
   exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT/sidecar.%p.out" \
-    --toggle-collect="$CG_TOGGLE" "$CG_BIN" "$@"
+    $toggles "$CG_BIN" "$@"
 fi
 exec valgrind --tool=callgrind --callgrind-out-file="$CG_OUT/sidecar.%p.out" "$CG_BIN" "$@"

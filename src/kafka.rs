@@ -147,6 +147,17 @@ pub fn record_ref<'b>(msg: &BorrowedMessage<'_>, buf: &'b mut Vec<u8>) -> Record
     )
 }
 
+/// Appends a consumed message to `buf` (see [`protocol::append_encoded`]): its offset,
+/// its timestamp in milliseconds when the broker gave one, and where its bytes lie.
+pub fn append_record(
+    msg: &BorrowedMessage<'_>,
+    buf: &mut Vec<u8>,
+) -> (i64, Option<i64>, std::ops::Range<usize>) {
+    let headers = raw_headers(msg);
+    let range = protocol::append_encoded(buf, msg.key(), msg.payload(), &headers);
+    (msg.offset(), msg.timestamp().to_millis(), range)
+}
+
 /// Reads headers with their names as raw bytes, borrowed from `msg`.
 ///
 /// rdkafka's safe accessor unwraps the header name as UTF-8 and so panics on a record

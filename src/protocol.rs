@@ -132,15 +132,33 @@ pub fn encode_into<'b>(
     value: Option<&[u8]>,
     headers: &[HeaderRef<'_>],
 ) -> RecordRef<'b> {
-    let mut head =
-        varint_len(opt_len(key)) + varint_len(opt_len(value)) + varint_len(headers.len() as u64);
-    let mut body = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
-    for (k, v) in headers {
-        head += varint_len(k.len() as u64) + varint_len(opt_len(*v));
-        body += k.len() + v.map_or(0, <[u8]>::len);
-    }
     buf.clear();
-    buf.reserve_exact(head + body);
+    let data = append_encoded(buf, key, value, headers);
+    RecordRef {
+        offset,
+        timestamp_ms,
+        data: &buf[data],
+    }
+}
+
+/// Appends a record's parts to `buf` in [`Record`]'s layout, after whatever `buf`
+/// already holds, and returns where they lie: the reader threads encode a batch of
+/// records into one buffer and view each with [`RecordRef::encoded`].
+pub fn append_encoded(
+    buf: &mut Vec<u8>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[HeaderRef<'_>],
+) -> std::ops::Range<usize> {
+    let mut len =
+        varint_len(opt_len(key)) + varint_len(opt_len(value)) + varint_len(headers.len() as u64);
+    len += key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+    for (k, v) in headers {
+        len += varint_len(k.len() as u64) + varint_len(opt_len(*v));
+        len += k.len() + v.map_or(0, <[u8]>::len);
+    }
+    let start = buf.len();
+    buf.reserve(len);
     put_varint(buf, opt_len(key));
     put_varint(buf, opt_len(value));
     put_varint(buf, headers.len() as u64);
@@ -154,11 +172,7 @@ pub fn encode_into<'b>(
         buf.extend_from_slice(k);
         buf.extend_from_slice(v.unwrap_or_default());
     }
-    RecordRef {
-        offset,
-        timestamp_ms,
-        data: buf,
-    }
+    start..buf.len()
 }
 
 /// A record borrowed from a [`Record`] or from a transaction's [`Records`].
@@ -173,6 +187,15 @@ pub struct RecordRef<'a> {
 }
 
 impl<'a> RecordRef<'a> {
+    /// A view of bytes [`append_encoded`] wrote: `data` is exactly the range it returned.
+    pub fn encoded(offset: i64, timestamp_ms: Option<i64>, data: &'a [u8]) -> RecordRef<'a> {
+        RecordRef {
+            offset,
+            timestamp_ms,
+            data,
+        }
+    }
+
     /// Walks the length prefix: (key len+1, value len+1, header count, header lengths
     /// start, bytes start).
     fn layout(&self) -> (u64, u64, usize, usize, usize) {

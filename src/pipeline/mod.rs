@@ -1,13 +1,16 @@
 //! The driver: feeds each partition's [`crate::machine::PartitionMachine`] and carries
 //! out what it decides.
 //!
-//! One OS thread owns the librdkafka consumer and every partition's state machine; it
-//! never blocks on the app. The transaction rules live in the machine; this module and
-//! its children only move records, events and actions between it and the outside:
+//! One OS thread owns the librdkafka consumer; reader threads drain the partitions'
+//! queues; every partition's state machine lives in the [`Engine`], behind one lock.
+//! None of them ever blocks on the app. The transaction rules live in the machine; this
+//! module and its children only move records, events and actions between it and the
+//! outside:
 //!
 //! | module | role |
 //! |---|---|
 //! | [`poll`] | the poll loop on the consumer thread, and shutdown draining |
+//! | [`readers`] | reader threads: partition queues to machines, in offset order |
 //! | [`rebalance`] | librdkafka's callbacks: assign (start clean from the committed offset), revoke (stop, commit, drop) |
 //! | [`commits`] | offset commits of each machine's commit point |
 //! | [`back_pressure`] | pausing partitions whose queue or the staged-bytes budget is full |
@@ -18,13 +21,15 @@
 mod back_pressure;
 mod commits;
 mod poll;
+mod readers;
 mod rebalance;
 mod report;
 mod view;
 mod workers;
 
+use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -37,13 +42,58 @@ use crate::admin::{AdminCommand, Snapshot};
 use crate::config::Config;
 use crate::delivery::{Deliverer, ReadyTxn};
 use crate::dlq::DeadLetterWriter;
-use crate::machine::{Action, Fate, PartitionMachine, Release, Settings};
+use crate::machine::{Action, Decoded, Fate, PartitionMachine, Release, Settings};
 use crate::protocol::{self, RecordRef};
 use crate::telemetry::{Metrics, Outcome};
 
 pub use poll::{consume, warn_if_compacted};
 pub use rebalance::SidecarContext;
 use workers::{DlqWork, Event};
+
+thread_local! {
+    /// How many engine locks this thread holds (see [`lock`]).
+    static HELD: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The engine, locked by this thread.
+pub(crate) struct Held<'a>(MutexGuard<'a, Engine>);
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.0
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        HELD.with(|h| h.set(h.get().saturating_sub(1)));
+    }
+}
+
+/// Locks the engine (a panic elsewhere does not poison it for the rest).
+pub(crate) fn lock(engine: &Mutex<Engine>) -> Held<'_> {
+    let g = engine.lock().unwrap_or_else(|p| p.into_inner());
+    HELD.with(|h| h.set(h.get() + 1));
+    Held(g)
+}
+
+/// Locks the engine unless this thread already holds it: librdkafka serves some
+/// callbacks (a synchronous commit's result) inside calls made under the lock, and
+/// those skip rather than deadlock.
+pub(crate) fn lock_unless_held(engine: &Mutex<Engine>) -> Option<Held<'_>> {
+    if HELD.with(Cell::get) > 0 {
+        None
+    } else {
+        Some(lock(engine))
+    }
+}
 
 /// Why the consumer loop stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +270,49 @@ impl Engine {
         let decoded = protocol::decode(rec, cfg.protocol, &cfg.headers);
         p.machine.on_record(rec, decoded, *now_ms, actions);
         carry_out(p, actions, metrics);
+    }
+
+    /// Handles a batch a reader thread read from one partition's queue, in offset order,
+    /// then the end of the log if the queue reported it. A batch from an earlier
+    /// assignment of the partition is dropped.
+    fn on_batch(
+        &mut self,
+        from: &readers::Owned,
+        records: Vec<(RecordRef<'_>, Decoded<'_>)>,
+        end_of_log: bool,
+        consumer: &readers::Consumer,
+    ) {
+        let now_ms = self.clock();
+        let Engine {
+            metrics,
+            parts,
+            actions,
+            ..
+        } = self;
+        let Some(p) = parts
+            .get_mut(&from.topic)
+            .and_then(|m| m.get_mut(&from.partition))
+            .filter(|p| p.generation == from.generation)
+        else {
+            return;
+        };
+        if !records.is_empty() {
+            p.at_end = false;
+        }
+        for (rec, decoded) in records {
+            p.machine.on_record(rec, decoded, now_ms, actions);
+            carry_out(p, actions, metrics);
+        }
+        if end_of_log {
+            p.at_end = true;
+        }
+        // Back-pressure reacts to what readers stage at once, not at the consumer
+        // thread's next turn.
+        let now = Instant::now();
+        if now.duration_since(self.last_back_pressure) >= Duration::from_millis(5) {
+            self.last_back_pressure = now;
+            self.back_pressure(consumer);
+        }
     }
 
     /// Applies worker reports.

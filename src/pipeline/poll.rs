@@ -1,8 +1,8 @@
-//! The poll loop on the consumer thread: feeds records to the machines, runs the
-//! periodic work between polls (commits, expiry ticks, back-pressure, the admin
+//! The poll loop on the consumer thread: serves rebalances (records arrive through the
+//! [`super::readers`], or here when they cannot run), runs the periodic work between polls (commits, expiry ticks, back-pressure, the admin
 //! snapshot), and drains on shutdown.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -11,7 +11,9 @@ use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{carry_out, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RESUME_SETTLE};
+use super::{
+    carry_out, lock, readers, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RESUME_SETTLE,
+};
 use crate::config::Config;
 use crate::kafka;
 
@@ -177,14 +179,21 @@ pub fn consume(
 ) -> Result<(), PipelineError> {
     // `kafka::consumer_config` sets `enable.partition.eof`: the expiry clock's end-of-log
     // signal (see `Engine::caught_up`).
-    let consumer: BaseConsumer<SidecarContext> =
-        kafka::consumer_config(cfg).create_with_context(SidecarContext::new(engine.clone()))?;
+    let consumer: Arc<BaseConsumer<SidecarContext>> = Arc::new(
+        kafka::consumer_config(cfg).create_with_context(SidecarContext::new(engine.clone()))?,
+    );
+    let shared_cfg = lock(&engine).cfg.clone();
+    let readers = readers::default_count();
+    if let Err(e) = consumer
+        .context()
+        .start_readers(&consumer, readers, &shared_cfg)
+    {
+        // Records then arrive through this thread's own poll.
+        warn!(error = %e, "cannot start reader threads; reading on the consumer thread");
+    }
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    info!(topics = ?cfg.topics, group = %cfg.group, brokers = %cfg.brokers, "consuming");
-    fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
-        e.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    info!(topics = ?cfg.topics, group = %cfg.group, brokers = %cfg.brokers, readers, "consuming");
     let mut result = Ok(());
     let mut last_error: Option<Instant> = None;
     let mut burst = 0u32;
@@ -226,8 +235,9 @@ pub fn consume(
     // Every step from here runs inside `shutdown_grace`, whatever the brokers do.
     let drain_started = Instant::now();
     let deadline = drain_started + cfg.shutdown_grace.max(Duration::from_secs(1));
+    // Nothing is staged from here on; the readers let go of the consumer.
+    consumer.context().stop_readers();
     lock(&engine).drain(&consumer, deadline);
-    let consumer = Arc::new(consumer);
     let mut retry = match commit_within(&engine, &consumer, deadline) {
         Some(retry) => retry,
         None => {
@@ -283,10 +293,7 @@ fn commit_within(
     std::thread::Builder::new()
         .name("txn-sidecar-commit".into())
         .spawn(move || {
-            let retry = engine
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .final_commit(&consumer);
+            let retry = lock(&engine).final_commit(&consumer);
             let _ = tx.send(retry);
         })
         .ok()?;

@@ -3,19 +3,21 @@
 //! assign starts a new machine from the committed offset, its skip set and the log's
 //! bounds. Also the librdkafka context that routes callbacks here.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::unbounded_channel;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::readers::{Consumer, Owned, Readers};
 use super::workers::{DlqLane, Lane, Worker};
-use super::{carry_out, Engine, Part, COMMIT_REFRESH};
+use super::{carry_out, lock, lock_unless_held, Engine, Held, Part, COMMIT_REFRESH};
 use crate::kafka;
 use crate::machine::{Assignment, PartitionMachine};
 use crate::telemetry::{PartitionLabel, RebalanceLabel};
@@ -179,6 +181,19 @@ impl Engine {
         let n: usize = self.parts.values().map(HashMap::len).sum();
         self.metrics.assigned_partitions.set(n as i64);
         self.publish();
+    }
+
+    /// Every assigned partition with its generation.
+    fn generations(&self) -> Vec<(Arc<str>, i32, u64)> {
+        self.all_parts()
+            .map(|p| {
+                (
+                    p.machine.topic().clone(),
+                    p.machine.partition(),
+                    p.generation,
+                )
+            })
+            .collect()
     }
 
     pub(super) fn revoke<C: ConsumerContext>(
@@ -349,28 +364,130 @@ impl Engine {
     }
 }
 
-/// The consumer context: routes librdkafka callbacks to the engine.
+/// The consumer context: routes librdkafka callbacks to the engine, and hands each
+/// assigned partition's queue to a reader thread.
 pub struct SidecarContext {
     engine: Arc<Mutex<Engine>>,
+    /// The consumer this context belongs to, to split partition queues off it.
+    consumer: OnceLock<Weak<Consumer>>,
+    /// The reader threads, while they run.
+    readers: Mutex<Option<Readers>>,
+    /// Queues split at the start of an assign, handed out at its end.
+    pending: Mutex<Vec<(Arc<str>, i32, PartitionQueue<SidecarContext>)>>,
 }
 
 impl SidecarContext {
     /// A context over `engine`.
     pub fn new(engine: Arc<Mutex<Engine>>) -> SidecarContext {
-        SidecarContext { engine }
+        SidecarContext {
+            engine,
+            consumer: OnceLock::new(),
+            readers: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+        }
     }
 
-    fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    fn engine(&self) -> Held<'_> {
+        lock(&self.engine)
     }
 
     /// librdkafka may serve statistics or commit results while this thread already holds
     /// the engine (inside a rebalance callback); those are skipped rather than deadlock.
-    fn try_engine(&self) -> Option<MutexGuard<'_, Engine>> {
-        match self.engine.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+    fn try_engine(&self) -> Option<Held<'_>> {
+        lock_unless_held(&self.engine)
+    }
+
+    /// Starts reading partition queues on `readers` threads; until then (and after
+    /// [`SidecarContext::stop_readers`]) records arrive through the consumer's own poll.
+    pub(crate) fn start_readers(
+        &self,
+        consumer: &Arc<Consumer>,
+        count: usize,
+        cfg: &Arc<crate::config::Config>,
+    ) -> std::io::Result<()> {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
+        let readers = Readers::start(count, cfg, &self.engine, consumer)?;
+        *self.readers.lock().unwrap_or_else(|p| p.into_inner()) = Some(readers);
+        Ok(())
+    }
+
+    /// Stops the reader threads and lets go of every partition queue (which hold the
+    /// consumer): the consumer can then be closed.
+    pub(crate) fn stop_readers(&self) {
+        let readers = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = readers {
+            r.stop();
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Splits each partition of `tpl` off the main queue, before it starts fetching.
+    fn split_queues(&self, tpl: &TopicPartitionList) {
+        if self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            return;
+        }
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for el in tpl.elements() {
+            // `None` only for a topic name librdkafka cannot take; its records then
+            // arrive through the consumer's own poll.
+            if let Some(q) = consumer.split_partition_queue(el.topic(), el.partition()) {
+                pending.push((Arc::from(el.topic()), el.partition(), q));
+            }
+        }
+    }
+
+    /// Hands the queues split for this assign to the readers, each with its partition's
+    /// new generation (`generations`); a queue of a partition not taken up is dropped.
+    fn hand_out_queues(&self, generations: &[(Arc<str>, i32, u64)]) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(readers) = readers.as_mut() else {
+            return;
+        };
+        for (topic, partition, queue) in pending {
+            if let Some((_, _, generation)) = generations
+                .iter()
+                .find(|(t, n, _)| *t == topic && *n == partition)
+            {
+                readers.add(Owned {
+                    topic,
+                    partition,
+                    generation: *generation,
+                    queue,
+                });
+            }
+        }
+    }
+
+    /// Takes the queues of `tpl` back from the readers (see [`Readers::remove`]).
+    fn take_back_queues(&self, tpl: &TopicPartitionList) {
+        let tps: Vec<(Arc<str>, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|el| (Arc::from(el.topic()), el.partition()))
+            .collect();
+        if let Some(r) = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            r.remove(&tps);
         }
     }
 }
@@ -416,9 +533,12 @@ impl ConsumerContext for SidecarContext {
                     protocol = kafka::protocol_name(consumer),
                     "rebalance: revoking"
                 );
+                // First, so nothing is staged after the revoke's commit (and without
+                // the engine lock, which a reader may need to finish its batch).
+                self.take_back_queues(tpl);
                 self.engine().revoke(consumer, tpl);
             }
-            Rebalance::Assign(_) => {}
+            Rebalance::Assign(tpl) => self.split_queues(tpl),
             Rebalance::Error(e) => {
                 let engine = self.engine();
                 engine
@@ -438,7 +558,12 @@ impl ConsumerContext for SidecarContext {
                 protocol = kafka::protocol_name(consumer),
                 "rebalance: assigned"
             );
-            self.engine().assign(consumer, tpl);
+            let generations = {
+                let mut engine = self.engine();
+                engine.assign(consumer, tpl);
+                engine.generations()
+            };
+            self.hand_out_queues(&generations);
         }
     }
 
