@@ -3,7 +3,7 @@
 # loop and the reader threads only (`pipeline::poll::consume`, `pipeline::readers::run`
 # and all they call), or in the whole process with CG_TOGGLE= (empty). CG_TOGGLE takes
 # comma-separated function patterns. Pass it to the benchmark as the sidecar, e.g. for the staging run
-# (BENCHMARKS.md, change 9):
+# (docs/benchmarks-history.md, change 9):
 #
 #   CG_BIN=target/release/txn-sidecar CG_OUT=/tmp/cg \
 #     scripts/bench.sh --only staging --reps 1 --stage-records 2500 \

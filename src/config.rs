@@ -173,6 +173,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long a revoke waits for an in-flight delivery before cutting it off.
     pub rebalance_grace: Duration,
+    /// Threads that read partition queues and stage records (0: the consumer thread
+    /// does, the default). From `reader_threads`; at most 64.
+    pub reader_threads: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// librdkafka properties passed through to every client.
@@ -256,6 +259,7 @@ impl Config {
         out.push_str(&format!("commit_interval = {}\n", d(self.commit_interval)));
         out.push_str(&format!("shutdown_grace = {}\n", d(self.shutdown_grace)));
         out.push_str(&format!("rebalance_grace = {}\n", d(self.rebalance_grace)));
+        out.push_str(&format!("reader_threads = {}\n", self.reader_threads));
         let lf = match self.log_format {
             LogFormat::Json => "json",
             LogFormat::Text => "text",
@@ -417,6 +421,7 @@ const KNOWN_KEYS: &[&str] = &[
     "commit_interval",
     "shutdown_grace",
     "rebalance_grace",
+    "reader_threads",
     "log_format",
     "app.url",
     "app.timeout",
@@ -1164,6 +1169,10 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
     }
     let shutdown_grace = r.duration_or("shutdown_grace", Duration::from_secs(20));
     let rebalance_grace = r.duration_or("rebalance_grace", Duration::from_secs(10));
+    let reader_threads = r.u64_or("reader_threads", 0);
+    if reader_threads > 64 {
+        r.fail("reader_threads", "at most 64");
+    }
     let log_format = match r.string_or("log_format", "json").as_str() {
         "json" => LogFormat::Json,
         "text" => LogFormat::Text,
@@ -1308,6 +1317,7 @@ fn build(r: &mut Reader<'_>) -> Option<Config> {
         commit_interval,
         shutdown_grace,
         rebalance_grace,
+        reader_threads: reader_threads.min(64) as usize,
         log_format,
         kafka,
         warnings: unknown_env_warnings(&r.sources.env),

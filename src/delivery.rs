@@ -137,7 +137,7 @@ impl Serialize for Text<'_> {
 /// names that are not UTF-8 are left out (they are in `header_list`).
 ///
 /// Borrowed from the staged record, so rendering allocates one small `Vec` per task
-/// instead of a map node and two `String`s per header (BENCHMARKS.md, "Delivery").
+/// instead of a map node and two `String`s per header (docs/benchmarks-history.md, "Delivery").
 struct TaskHeaders<'a>(Vec<(&'a str, Option<Text<'a>>)>);
 
 impl Serialize for TaskHeaders<'_> {
@@ -404,7 +404,7 @@ pub struct AppResponse {
 /// every request crosses tasks twice and often threads. Deliveries are sequential per
 /// partition, so the task that sends can as well read: a connection here is taken from an
 /// idle stack, polled by the request's own future, and returned when its response has
-/// been read in full (BENCHMARKS.md, change 6). Dropping a request mid-flight (timeout,
+/// been read in full (docs/benchmarks-history.md, change 6). Dropping a request mid-flight (timeout,
 /// revoke, shutdown) drops its connection with it.
 #[derive(Clone)]
 pub struct AppClient {

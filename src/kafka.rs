@@ -52,7 +52,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // librdkafka's default (1000 ms) stops fetching a partition for a whole second
         // whenever its local queue is full; a consumer that is slower than the broker
         // (any that does work per record) then drains the queue and idles. Measured on a
-        // backlog: 119k -> 437k records/s (BENCHMARKS.md, staging throughput).
+        // backlog: 119k -> 437k records/s (docs/benchmarks-history.md, staging throughput).
         c.set("fetch.queue.backoff.ms", "10");
     }
     // librdkafka's defaults (64 MiB prefetched, 50 MiB per fetch response) come on top of
@@ -69,7 +69,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // sends a broker's next fetch only when the last one has returned. So a partition
         // resumed after back-pressure, or newly assigned in a handoff, waits for it
         // whenever the fetch in flight was empty: 500 ms by default. 100 ms bounds that
-        // at the price of up to 10 empty fetches a second per idle broker (BENCHMARKS.md,
+        // at the price of up to 10 empty fetches a second per idle broker (docs/benchmarks-history.md,
         // change 7).
         c.set("fetch.wait.max.ms", "100");
     }
@@ -214,7 +214,7 @@ pub fn safe_metadata(elem: &rdkafka::topic_partition_list::TopicPartitionListEle
 /// Resuming does not wake the broker thread. When every partition a broker leads was
 /// paused, that thread sleeps up to a second (librdkafka's `rd_kafka_max_block_ms`)
 /// before it sees the resume: the benchmark showed 0.65 s with nothing delivered after
-/// each back-pressure cycle (BENCHMARKS.md, change 8). Any request to the broker wakes
+/// each back-pressure cycle (docs/benchmarks-history.md, change 8). Any request to the broker wakes
 /// it. A watermark query with a zero timeout enqueues one and returns at once;
 /// librdkafka drops the late answer by design.
 pub fn wake_fetchers<C: ConsumerContext>(consumer: &BaseConsumer<C>, resumed: &TopicPartitionList) {

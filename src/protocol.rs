@@ -9,7 +9,7 @@ use crate::config::{HeaderNames, Protocol};
 ///
 /// Key, value and headers share one allocation: staging holds every open task, and with
 /// separate `Vec`s per key, value, header name and header value the allocator overhead
-/// was ~4.5x the payload for 100-byte values (BENCHMARKS.md, "Memory").
+/// was ~4.5x the payload for 100-byte values (docs/benchmarks-history.md, "Memory").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Offset in its partition.
@@ -292,7 +292,7 @@ impl<'a> RecordRef<'a> {
 /// Staging holds every task of every open transaction. One `Box` per record in a `Vec`
 /// cost the allocator's rounding per record plus the `Vec`'s doubling slack, about 2x the
 /// payload for 100-byte values; here a transaction is one allocation that grows by an
-/// eighth, so the slack stays under 12.5 % (BENCHMARKS.md, "Memory").
+/// eighth, so the slack stays under 12.5 % (docs/benchmarks-history.md, "Memory").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Records {
     /// Per record: varint(offset, zigzag), varint(data len × 2 + 1 if a timestamp

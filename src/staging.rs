@@ -54,7 +54,7 @@ pub trait StagingStore: Send {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     /// The id lives only in the key: a second copy per transaction was measurable in
-    /// staged memory at small transactions (BENCHMARKS.md, "Memory"). hashbrown's
+    /// staged memory at small transactions (docs/benchmarks-history.md, "Memory"). hashbrown's
     /// raw entry hashes a task's id once and allocates it only for a new transaction;
     /// its default hasher (foldhash, seeded per process) is cheaper than SipHash.
     txns: HashMap<Box<str>, OpenTxn>,

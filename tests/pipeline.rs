@@ -198,3 +198,65 @@ async fn a_restart_does_not_redeliver_what_was_delivered_above_the_committed_off
     s2.shutdown();
     s2.wait().await.unwrap();
 }
+
+/// With `reader_threads` set, partition queues are read on their own threads: every
+/// partition's transactions still arrive whole, once, in commit order, and a graceful
+/// stop commits every partition to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_threads_deliver_every_partition_whole_once_and_in_commit_order() {
+    const P: i32 = 6;
+    const PER: usize = 20;
+    let kafka = Kafka::start(&[(T, P), ("orders.tx.dlq", 1)]);
+    let app = RecordingApp::start().await;
+    let sidecar = txn_sidecar::start(config(
+        &kafka.brokers,
+        T,
+        &app.url(),
+        &[("reader_threads", "2")],
+    ))
+    .await
+    .unwrap();
+    // Per partition: transactions interleaved in pairs, the second of each pair
+    // committed first, so commit order differs from first-task order.
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); P as usize];
+    for p in 0..P {
+        for i in (0..PER).step_by(2) {
+            let (a, b) = (format!("p{p}-t{i}"), format!("p{p}-t{}", i + 1));
+            kafka.task(T, p, &a, &format!(r#"{{"id":"{a}","k":0}}"#));
+            kafka.task(T, p, &b, &format!(r#"{{"id":"{b}","k":0}}"#));
+            kafka.task(T, p, &a, &format!(r#"{{"id":"{a}","k":1}}"#));
+            kafka.task(T, p, &b, &format!(r#"{{"id":"{b}","k":1}}"#));
+            kafka.commit(T, p, &b);
+            kafka.commit(T, p, &a);
+            expected[p as usize].push(b);
+            expected[p as usize].push(a);
+        }
+    }
+    kafka.flush();
+    let total = P as usize * PER;
+    app.wait_accepted(total, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = app.accepted();
+    assert_eq!(got.len(), total, "each transaction exactly once");
+    let mut per_partition: Vec<Vec<String>> = vec![Vec::new(); P as usize];
+    for g in &got {
+        let id = g.id().to_string();
+        assert_eq!(
+            g.task_values(),
+            vec![json!({"id": id, "k": 0}), json!({"id": id, "k": 1})],
+            "whole and in task order: {id}"
+        );
+        let p = g.body["partition"].as_i64().unwrap() as usize;
+        per_partition[p].push(id);
+    }
+    assert_eq!(per_partition, expected, "commit order within each partition");
+    sidecar.shutdown();
+    sidecar.wait().await.unwrap();
+    for p in 0..P {
+        assert_eq!(
+            kafka.committed("test-group", T, p).0,
+            Some((PER * 3) as i64),
+            "partition {p} committed to its end"
+        );
+    }
+}

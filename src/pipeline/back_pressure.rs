@@ -121,7 +121,7 @@ impl Engine {
 ///
 /// librdkafka drops what it had prefetched for a paused partition and fetches it again
 /// on resume, behind the fetch in flight. Resuming one delivery below the limit paused
-/// and refetched after almost every delivery of a backlog (BENCHMARKS.md, change 7).
+/// and refetched after almost every delivery of a backlog (docs/benchmarks-history.md, change 7).
 pub(super) fn queue_full(paused: bool, queued: usize, max: usize) -> bool {
     if paused {
         queued > max / 2

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{
-    carry_out, lock, readers, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RESUME_SETTLE,
+    carry_out, lock, Engine, PipelineError, SidecarContext, COMMIT_REFRESH, RESUME_SETTLE,
 };
 use crate::config::Config;
 use crate::kafka;
@@ -182,14 +182,16 @@ pub fn consume(
     let consumer: Arc<BaseConsumer<SidecarContext>> = Arc::new(
         kafka::consumer_config(cfg).create_with_context(SidecarContext::new(engine.clone()))?,
     );
-    let shared_cfg = lock(&engine).cfg.clone();
-    let readers = readers::default_count();
-    if let Err(e) = consumer
-        .context()
-        .start_readers(&consumer, readers, &shared_cfg)
-    {
-        // Records then arrive through this thread's own poll.
-        warn!(error = %e, "cannot start reader threads; reading on the consumer thread");
+    let readers = cfg.reader_threads;
+    if readers > 0 {
+        let shared_cfg = lock(&engine).cfg.clone();
+        if let Err(e) = consumer
+            .context()
+            .start_readers(&consumer, readers, &shared_cfg)
+        {
+            // Records then arrive through this thread's own poll.
+            warn!(error = %e, "cannot start reader threads; reading on the consumer thread");
+        }
     }
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

@@ -44,14 +44,6 @@ const IDLE: Duration = Duration::from_millis(100);
 /// How long a revoke waits for a reader to let go of a queue.
 const REMOVE_WAIT: Duration = Duration::from_secs(10);
 
-/// How many reader threads to run: one per core the process may use, at most 8.
-pub(crate) fn default_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8)
-}
-
 enum Cmd {
     Add(Owned),
     /// Drop these queues, then acknowledge.

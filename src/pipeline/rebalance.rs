@@ -364,6 +364,9 @@ impl Engine {
     }
 }
 
+/// A partition queue split off at the start of an assign: topic, partition, queue.
+type Split = (Arc<str>, i32, PartitionQueue<SidecarContext>);
+
 /// The consumer context: routes librdkafka callbacks to the engine, and hands each
 /// assigned partition's queue to a reader thread.
 pub struct SidecarContext {
@@ -373,7 +376,7 @@ pub struct SidecarContext {
     /// The reader threads, while they run.
     readers: Mutex<Option<Readers>>,
     /// Queues split at the start of an assign, handed out at its end.
-    pending: Mutex<Vec<(Arc<str>, i32, PartitionQueue<SidecarContext>)>>,
+    pending: Mutex<Vec<Split>>,
 }
 
 impl SidecarContext {

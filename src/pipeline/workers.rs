@@ -99,7 +99,7 @@ impl Worker {
                     m.commit_to_delivery
                         .observe(txn.committed_at.elapsed().as_secs_f64());
                     // Counted above; one info line per transaction cost 14 % of the CPU per
-                    // delivery in the benchmark (BENCHMARKS.md), so it is a debug line.
+                    // delivery in the benchmark (docs/benchmarks-history.md), so it is a debug line.
                     debug!(topic = %txn.topic, partition = txn.partition, offset = txn.commit_offset, txn_id = %txn.id, tasks = txn.tasks.len(), attempts, "delivered");
                     self.lane.done(release);
                 }
