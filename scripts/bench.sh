@@ -4,7 +4,7 @@
 # separate processes, measures every figure next to its baseline in the same run,
 # repeats, and prints a Markdown table of medians (min–max).
 #
-#   scripts/bench.sh                 # 3 repetitions, ~7 minutes on 2 cores
+#   scripts/bench.sh                 # 3 repetitions, ~11 minutes on 2 cores
 #   scripts/bench.sh --quick         # 1 smaller repetition, a smoke run (~2 minutes)
 #   scripts/bench.sh --reps 5 --only staging,delivery
 #

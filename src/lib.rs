@@ -13,7 +13,7 @@
 //! | [`machine`] | **the transaction rules**: one pure state machine per partition (stage, commit, abort, `txn-count`, limits, expiry, tombstones, offset gaps, holds on the committed offset, the skip set); no I/O, time is an input |
 //! | [`staging`] | the store of open transactions, behind the [`staging::StagingStore`] trait |
 //! | [`offsets`] | safe offsets and the skip set carried in offset-commit metadata |
-//! | [`pipeline`] | the driver: the poll loop, rebalances, commits, back-pressure, per-partition delivery workers |
+//! | [`pipeline`] | the driver: the poll loop, reader threads, rebalances, commits, back-pressure, per-partition delivery workers |
 //! | [`kafka`] | librdkafka client configs and record conversion |
 //! | [`delivery`] | the HTTP-side wire contract, retries and backoff; the app's HTTP/1.1 client |
 //! | [`dlq`] | the dead-letter topic writer |

@@ -1,9 +1,10 @@
 //! The driver: feeds each partition's [`crate::machine::PartitionMachine`] and carries
 //! out what it decides.
 //!
-//! One OS thread owns the librdkafka consumer; reader threads drain the partitions'
-//! queues; every partition's state machine lives in the [`Engine`], behind one lock.
-//! None of them ever blocks on the app. The transaction rules live in the machine; this
+//! One OS thread owns the librdkafka consumer and reads the records, or, with
+//! `reader_threads` set, reader threads drain the partitions' queues; every partition's
+//! state machine lives in the [`Engine`], behind one lock. None of them ever blocks on
+//! the app. The transaction rules live in the machine; this
 //! module and its children only move records, events and actions between it and the
 //! outside:
 //!
