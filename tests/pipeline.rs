@@ -249,7 +249,10 @@ async fn reader_threads_deliver_every_partition_whole_once_and_in_commit_order()
         let p = g.body["partition"].as_i64().unwrap() as usize;
         per_partition[p].push(id);
     }
-    assert_eq!(per_partition, expected, "commit order within each partition");
+    assert_eq!(
+        per_partition, expected,
+        "commit order within each partition"
+    );
     sidecar.shutdown();
     sidecar.wait().await.unwrap();
     for p in 0..P {
