@@ -230,6 +230,13 @@ pub fn consume(
             None => {}
         }
         burst = 0;
+        if consumer.context().readers_failed() {
+            error!(
+                "a reader thread died; stopping so the partitions are read again after a restart"
+            );
+            result = Err(PipelineError::Fatal("a reader thread panicked".into()));
+            break;
+        }
         let mut e = lock(&engine);
         e.tick(&consumer);
         timeout = e.poll_timeout();

@@ -38,6 +38,11 @@ pub(crate) type Consumer = BaseConsumer<SidecarContext>;
 /// reader holds the engine lock and how far one partition runs ahead of the others.
 const BATCH: usize = 64;
 
+/// A batch also ends once it holds this many bytes, and a reader's batch buffer is
+/// shrunk back to it after a larger one: what a reader holds outside the staged-bytes
+/// budget stays under this plus one record.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// How long an idle reader sleeps when no queue signalled new messages.
 const IDLE: Duration = Duration::from_millis(100);
 
@@ -69,6 +74,8 @@ pub(crate) struct Readers {
     readers: Vec<Reader>,
     owner: HashMap<(Arc<str>, i32), usize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by a reader thread that panicked.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Readers {
@@ -83,14 +90,26 @@ impl Readers {
         consumer: &Arc<Consumer>,
     ) -> std::io::Result<Readers> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
         for i in 0..count.max(1) {
             let (tx, rx) = channel();
             let (cfg, engine, consumer, stop) =
                 (cfg.clone(), engine.clone(), consumer.clone(), stop.clone());
+            let failed = failed.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("txn-sidecar-read-{i}"))
-                .spawn(move || run(&cfg, &engine, &consumer, &rx, &stop))?;
+                .spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(&cfg, &engine, &consumer, &rx, &stop)
+                    }));
+                    if r.is_err() {
+                        // Its partitions would never be read again: the pipeline stops
+                        // with an error (the process exits non-zero and is restarted;
+                        // the next owner replays from the committed offsets).
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                })?;
             readers.push(Reader {
                 cmds: tx,
                 thread,
@@ -101,7 +120,13 @@ impl Readers {
             readers,
             owner: HashMap::new(),
             stop,
+            failed,
         })
+    }
+
+    /// Whether a reader thread has died (panicked): its partitions are no longer read.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Hands a newly assigned partition's queue to the reader with the fewest partitions.
@@ -170,9 +195,7 @@ impl Readers {
         for r in self.readers {
             drop(r.cmds);
             r.thread.thread().unpark();
-            if r.thread.join().is_err() {
-                error!("a reader thread panicked");
-            }
+            let _ = r.thread.join();
         }
     }
 }
@@ -211,7 +234,7 @@ fn run(
             buf.clear();
             batch.clear();
             let mut end_of_log = false;
-            while batch.len() < BATCH {
+            while batch.len() < BATCH && buf.len() < BATCH_BYTES {
                 match o.queue.poll(Duration::ZERO) {
                     Some(Ok(msg)) => batch.push(kafka::append_record(&msg, &mut buf)),
                     Some(Err(KafkaError::PartitionEOF(_))) => {
@@ -242,6 +265,9 @@ fn run(
                 })
                 .collect();
             lock(engine).on_batch(o, records, end_of_log, consumer);
+            if buf.capacity() > BATCH_BYTES {
+                buf = Vec::new();
+            }
         }
         if !busy {
             std::thread::park_timeout(IDLE);

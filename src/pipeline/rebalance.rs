@@ -162,6 +162,7 @@ impl Engine {
                 sent: Default::default(),
                 overflow: (0, 0),
                 held: None,
+                read_to: None,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
             self.parts.entry(topic).or_default().insert(partition, part);
@@ -412,6 +413,15 @@ impl SidecarContext {
         let readers = Readers::start(count, cfg, &self.engine, consumer)?;
         *self.readers.lock().unwrap_or_else(|p| p.into_inner()) = Some(readers);
         Ok(())
+    }
+
+    /// Whether a reader thread died (see [`Readers::failed`]).
+    pub(crate) fn readers_failed(&self) -> bool {
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(Readers::failed)
     }
 
     /// Stops the reader threads and lets go of every partition queue (which hold the
