@@ -319,6 +319,11 @@ pub fn config_with(
     for (k, v) in fast_group_properties(protocol) {
         s.flags.insert(format!("kafka.{k}"), v.to_string());
     }
+    // `TXN_SIDECAR_READER_THREADS` runs the in-process sidecars with reader threads too
+    // (spawned binaries read it themselves), so the suite can be run with them on.
+    if let Ok(n) = std::env::var("TXN_SIDECAR_READER_THREADS") {
+        s.flags.insert("reader_threads".into(), n);
+    }
     for (k, v) in extra {
         s.flags.insert(k.to_string(), v.to_string());
     }
