@@ -52,6 +52,21 @@ fn produce_batch(kafka: &Kafka, from: usize, to: usize) {
     kafka.flush();
 }
 
+/// Waits until transactions `tx-0` .. `tx-{n-1}` have all arrived (a duplicate counts
+/// once), or `timeout`; the checks that follow say what is missing.
+async fn wait_transactions(app: &RecordingApp, n: usize, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let ids: std::collections::HashSet<String> =
+            app.accepted().iter().map(|g| g.id().to_string()).collect();
+        if (0..n).all(|i| ids.contains(&format!("tx-{i}"))) || std::time::Instant::now() >= deadline
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn check_whole(app: &RecordingApp, n: usize) -> usize {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for g in app.accepted() {
@@ -103,7 +118,7 @@ async fn join_and_leave(protocol: GroupProtocol) {
     let cfg = || config_with(protocol, &kafka.brokers, T, &app.url(), &[]);
     let s1 = txn_sidecar::start(cfg()).await.unwrap();
     produce_batch(&kafka, 0, 60);
-    app.wait_accepted(20, Duration::from_secs(30)).await;
+    wait_transactions(&app, 20, Duration::from_secs(30)).await;
     // A second member joins while transactions flow.
     let s2 = txn_sidecar::start(cfg()).await.unwrap();
     produce_batch(&kafka, 60, 120);
@@ -122,7 +137,7 @@ async fn join_and_leave(protocol: GroupProtocol) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     produce_batch(&kafka, 120, 180);
-    app.wait_accepted(180, Duration::from_secs(60)).await;
+    wait_transactions(&app, 180, Duration::from_secs(60)).await;
     // Until it leaves, the first member's only synchronous commits are its revokes'.
     let m1 = s1.metrics().clone();
     let refused = commits(&m1, "error") > 0;
@@ -139,7 +154,7 @@ async fn join_and_leave(protocol: GroupProtocol) {
     s1.wait().await.unwrap();
     let refused = refused || (commits(&m1, "error") > err && commits(&m1, "ok") == ok);
     produce_batch(&kafka, 180, 240);
-    app.wait_accepted(240, Duration::from_secs(60)).await;
+    wait_transactions(&app, 240, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     check_handoff(&kafka, check_whole(&app, 240), "a graceful leave", refused);
     let (_, m) = admin_get(a2, "/metrics").await;
@@ -183,7 +198,7 @@ async fn stopped_during_a_rebalance(protocol: GroupProtocol) {
     let cfg = || config_with(protocol, &kafka.brokers, T, &app.url(), &[]);
     let s1 = txn_sidecar::start(cfg()).await.unwrap();
     produce_batch(&kafka, 0, 30);
-    app.wait_accepted(30, Duration::from_secs(30)).await;
+    wait_transactions(&app, 30, Duration::from_secs(30)).await;
     // Let the first member's commits of those land while the group is stable.
     tokio::time::sleep(Duration::from_millis(600)).await;
     // A second member joins: the group now waits ~5 s for everyone to rejoin, and the
@@ -191,7 +206,7 @@ async fn stopped_during_a_rebalance(protocol: GroupProtocol) {
     let s2 = txn_sidecar::start(cfg()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     produce_batch(&kafka, 30, 60);
-    app.wait_accepted(60, Duration::from_secs(30)).await;
+    wait_transactions(&app, 60, Duration::from_secs(30)).await;
     assert!(
         app.accepted()
             .iter()
@@ -210,7 +225,7 @@ async fn stopped_during_a_rebalance(protocol: GroupProtocol) {
     let refused = commits(&m1, "ok") == ok;
     // The second member now owns everything: it must find nothing left to deliver.
     produce_batch(&kafka, 60, 90);
-    app.wait_accepted(90, Duration::from_secs(60)).await;
+    wait_transactions(&app, 90, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     check_handoff(
         &kafka,
