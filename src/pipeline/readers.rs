@@ -74,12 +74,10 @@ pub(crate) struct Readers {
     readers: Vec<Reader>,
     owner: HashMap<(Arc<str>, i32), usize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    /// Set by a reader thread that panicked.
-    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Readers {
-    /// Starts `count` (at least one) reader threads.
+    /// Starts `count` (at least one) reader threads; one that panics sets `failed`.
     ///
     /// # Errors
     /// The operating system refused a thread.
@@ -88,9 +86,9 @@ impl Readers {
         cfg: &Arc<Config>,
         engine: &Arc<Mutex<Engine>>,
         consumer: &Arc<Consumer>,
+        failed: &Arc<std::sync::atomic::AtomicBool>,
     ) -> std::io::Result<Readers> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
         for i in 0..count.max(1) {
             let (tx, rx) = channel();
@@ -120,13 +118,7 @@ impl Readers {
             readers,
             owner: HashMap::new(),
             stop,
-            failed,
         })
-    }
-
-    /// Whether a reader thread has died (panicked): its partitions are no longer read.
-    pub fn failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Hands a newly assigned partition's queue to the reader with the fewest partitions.

@@ -376,6 +376,8 @@ pub struct SidecarContext {
     consumer: OnceLock<Weak<Consumer>>,
     /// The reader threads, while they run.
     readers: Mutex<Option<Readers>>,
+    /// Set by a reader thread that panicked.
+    readers_failed: Arc<std::sync::atomic::AtomicBool>,
     /// Queues split at the start of an assign, handed out at its end.
     pending: Mutex<Vec<Split>>,
 }
@@ -387,6 +389,7 @@ impl SidecarContext {
             engine,
             consumer: OnceLock::new(),
             readers: Mutex::new(None),
+            readers_failed: Default::default(),
             pending: Mutex::new(Vec::new()),
         }
     }
@@ -410,18 +413,16 @@ impl SidecarContext {
         cfg: &Arc<crate::config::Config>,
     ) -> std::io::Result<()> {
         let _ = self.consumer.set(Arc::downgrade(consumer));
-        let readers = Readers::start(count, cfg, &self.engine, consumer)?;
+        let readers = Readers::start(count, cfg, &self.engine, consumer, &self.readers_failed)?;
         *self.readers.lock().unwrap_or_else(|p| p.into_inner()) = Some(readers);
         Ok(())
     }
 
-    /// Whether a reader thread died (see [`Readers::failed`]).
+    /// Whether a reader thread died (panicked): its partitions are no longer read. One
+    /// atomic load, as the poll loop asks every turn.
     pub(crate) fn readers_failed(&self) -> bool {
-        self.readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(Readers::failed)
+        self.readers_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops the reader threads and lets go of every partition queue (which hold the
