@@ -1022,6 +1022,10 @@ impl PartitionMachine {
         let staged = self.store.take(id);
         if let Some(t) = &staged {
             self.offsets.release(t.first_offset);
+            // The skip set loaded on assign carries ends, not firsts: note where this
+            // instance began here, so a commit point that cannot rely on metadata stays at
+            // or below it and a later owner never replays its tail alone.
+            self.offsets.finish(offset, t.first_offset);
         }
         if marker {
             if self.tombstones.remove(id).is_some() {
