@@ -33,6 +33,9 @@ WORKDIR /build
 # against stub sources, so that editing src/ reuses this layer. It is rebuilt
 # only when Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
+# The workspace's small unsafe shim over librdkafka's C API: changes rarely, so it
+# belongs to this cached layer.
+COPY crates ./crates
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

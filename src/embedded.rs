@@ -80,21 +80,14 @@ impl EmbeddedKafka {
 }
 
 /// Sets the KIP-848 session timeout and heartbeat interval of the cluster `host` hosts.
-#[allow(unsafe_code)]
 fn set_kip848_timing(host: &BaseProducer) -> Result<(), KafkaError> {
-    use rdkafka::bindings as rd;
-    // SAFETY: `host` is a live client; librdkafka returns the mock cluster it owns (freed
-    // only with the client) or NULL. The setters take the cluster's own lock.
-    unsafe {
-        let mc = rd::rd_kafka_handle_mock_cluster(host.client().native_ptr());
-        if mc.is_null() {
-            return Err(KafkaError::MockCluster(RDKafkaErrorCode::Fail));
-        }
-        rd::rd_kafka_mock_set_group_consumer_session_timeout_ms(mc, KIP848_SESSION_TIMEOUT_MS);
-        rd::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(
-            mc,
-            KIP848_HEARTBEAT_INTERVAL_MS,
-        );
+    if txn_sidecar_ffi::set_mock_group_consumer_timing(
+        host.client(),
+        KIP848_SESSION_TIMEOUT_MS,
+        KIP848_HEARTBEAT_INTERVAL_MS,
+    ) {
+        Ok(())
+    } else {
+        Err(KafkaError::MockCluster(RDKafkaErrorCode::Fail))
     }
-    Ok(())
 }

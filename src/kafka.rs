@@ -161,45 +161,11 @@ pub fn append_record(
 /// Reads headers with their names as raw bytes, borrowed from `msg`.
 ///
 /// rdkafka's safe accessor unwraps the header name as UTF-8 and so panics on a record
-/// whose header name is not, which would turn one bad record into a crash loop. This
-/// reads the same C API without that assumption.
-#[allow(unsafe_code)]
+/// whose header name is not, which would turn one bad record into a crash loop; this
+/// reads librdkafka's C API without that assumption (in the `txn-sidecar-ffi` crate,
+/// which holds the project's only unsafe code).
 fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<HeaderRef<'a>> {
-    use rdkafka::bindings as rd;
-    use std::ffi::CStr;
-    let mut out = Vec::new();
-    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: `msg.ptr()` is a live message owned by the consumer for the borrow's
-    // lifetime; librdkafka returns a headers pointer owned by that message (not to be
-    // freed) or an error when there are none.
-    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs) };
-    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
-        return out;
-    }
-    // SAFETY: `hdrs` is valid while `msg` is borrowed.
-    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
-    out.reserve_exact(count);
-    for idx in 0..count {
-        let mut name: *const std::os::raw::c_char = std::ptr::null();
-        let mut value: *const std::os::raw::c_void = std::ptr::null();
-        let mut size: usize = 0;
-        // SAFETY: idx < count; out-pointers are valid locals.
-        let err =
-            unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-            continue;
-        }
-        // SAFETY: librdkafka stores header names NUL-terminated; the value is `size`
-        // bytes or NULL, both owned by the message and alive for `'a`.
-        let name: &'a [u8] = unsafe { CStr::from_ptr(name) }.to_bytes();
-        let value: Option<&'a [u8]> = if value.is_null() {
-            None
-        } else {
-            Some(unsafe { std::slice::from_raw_parts(value as *const u8, size) })
-        };
-        out.push((name, value));
-    }
-    out
+    txn_sidecar_ffi::raw_headers(msg)
 }
 
 /// Reads the metadata of a committed-offsets entry without rdkafka's UTF-8 `expect`,

@@ -25,10 +25,13 @@
 //! | [`sample_app`] | a tiny app that prints what it receives, for the demo and compose |
 //! | [`demo`] | `txn-sidecar demo`: everything in one process |
 //!
+//! The crate forbids `unsafe`; the two reads of librdkafka's C API that rust-rdkafka's
+//! safe API lacks live in the `txn-sidecar-ffi` crate (`crates/txn-sidecar-ffi`).
+//!
 //! The entry point is [`start`] (or [`run`]), which takes its shutdown signal as a
 //! parameter so tests drive it.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;

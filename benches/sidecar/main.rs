@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! `scripts/bench.sh` → this driver: every figure next to a baseline measured in the same
 //! run on the same machine, repeated, medians reported.
 //!

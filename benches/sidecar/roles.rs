@@ -411,11 +411,8 @@ pub fn bare(args: &[String]) -> anyhow::Result<()> {
 /// rejoined), and `txn-sidecar mock-kafka` keeps the 3 s initial rebalance delay, which
 /// forbids session timeouts below ~4 s. This cluster sets that delay to MS so members
 /// can use a short session timeout and the coordinator's own wait shrinks accordingly.
-#[allow(unsafe_code)]
 pub fn mock(args: &[String]) -> anyhow::Result<()> {
-    use rdkafka::bindings as rd;
     use rdkafka::producer::{BaseProducer, Producer};
-    use std::ffi::{CStr, CString};
     let mut delay = 100;
     let mut topics = Vec::new();
     let mut it = args.iter();
@@ -428,27 +425,25 @@ pub fn mock(args: &[String]) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let host: BaseProducer = rdkafka::ClientConfig::new().create()?;
-    // SAFETY: the producer outlives the cluster (both live until the process exits); the
-    // strings passed are NUL-terminated and copied by librdkafka.
-    unsafe {
-        let mc = rd::rd_kafka_mock_cluster_new(host.client().native_ptr(), 1);
-        anyhow::ensure!(!mc.is_null(), "mock cluster");
-        rd::rd_kafka_mock_group_initial_rebalance_delay_ms(mc, delay);
-        for t in &topics {
-            let (name, parts) = t.split_once(':').unwrap_or((t, "1"));
-            let name = CString::new(name)?;
-            let err = rd::rd_kafka_mock_topic_create(mc, name.as_ptr(), parts.parse()?, 1);
-            anyhow::ensure!(
-                err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
-                "create topic {t}"
-            );
-        }
-        println!(
-            "{}",
-            CStr::from_ptr(rd::rd_kafka_mock_cluster_bootstraps(mc)).to_string_lossy()
-        );
+    let host: BaseProducer = rdkafka::ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .set("client.id", "bench-mock")
+        .create()?;
+    anyhow::ensure!(
+        txn_sidecar_ffi::set_mock_group_initial_rebalance_delay(host.client(), delay),
+        "mock cluster"
+    );
+    let cluster = host
+        .client()
+        .mock_cluster()
+        .ok_or_else(|| anyhow::anyhow!("mock cluster"))?;
+    for t in &topics {
+        let (name, parts) = t.split_once(':').unwrap_or((t, "1"));
+        cluster
+            .create_topic(name, parts.parse()?, 1)
+            .map_err(|e| anyhow::anyhow!("create topic {t}: {e}"))?;
     }
+    println!("{}", cluster.bootstrap_servers());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
