@@ -131,6 +131,8 @@ struct AppState {
     client: reqwest::Client,
     app_probe: url::Url,
     app: AppClient,
+    /// Fires when the sidecar starts to drain (SIGTERM or a fatal error).
+    draining: CancellationToken,
 }
 
 /// Errors starting the admin server.
@@ -152,7 +154,8 @@ pub struct AdminServer {
     pub addr: SocketAddr,
 }
 
-/// Binds `addr` and serves until `shutdown` fires.
+/// Binds `addr` and serves until `shutdown` fires; `/readyz` answers 503 from the moment
+/// `draining` fires (the server keeps serving `/metrics` while the sidecar drains).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     addr: SocketAddr,
@@ -163,6 +166,7 @@ pub async fn serve(
     client: reqwest::Client,
     app_probe: url::Url,
     app: AppClient,
+    draining: CancellationToken,
     shutdown: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<AdminServer, AdminError> {
@@ -180,6 +184,7 @@ pub async fn serve(
         client,
         app_probe,
         app,
+        draining,
     };
     let router = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -226,7 +231,7 @@ struct Ready {
 /// One reason `/readyz` answers 503.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 struct NotReady {
-    /// `not_joined`, `group_lost` or `app_unreachable`.
+    /// `shutting_down`, `not_joined`, `group_lost` or `app_unreachable`.
     reason: &'static str,
     /// For the operator.
     detail: String,
@@ -244,6 +249,12 @@ async fn readyz(State(s): State<AppState>) -> Response {
         Err(_) => (false, None, 0),
     };
     let mut reasons = Vec::new();
+    if s.draining.is_cancelled() {
+        reasons.push(NotReady {
+            reason: "shutting_down",
+            detail: "draining: in-flight deliveries finish, offsets are committed, then the member leaves its group".into(),
+        });
+    }
     if let Some(l) = &lost {
         reasons.push(NotReady {
             reason: "group_lost",
@@ -469,6 +480,7 @@ mod tests {
                 Duration::from_secs(1),
             )
             .unwrap(),
+            draining: CancellationToken::new(),
         }
     }
 
@@ -590,6 +602,22 @@ mod tests {
             "{detail}"
         );
         assert_eq!(s.app.status().state, AppReach::Up);
+    }
+
+    #[tokio::test]
+    async fn a_draining_sidecar_is_not_ready() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = state_for_app(addr);
+        s.snapshot.lock().unwrap().joined = true;
+        let _server = app_on(addr).await;
+        assert_eq!(ready(&s).await.0, 200);
+        s.draining.cancel();
+        let (code, v) = ready(&s).await;
+        assert_eq!(code, 503, "{v}");
+        assert_eq!(reasons(&v), ["shutting_down"], "{v}");
     }
 
     #[test]

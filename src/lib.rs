@@ -175,6 +175,7 @@ pub async fn start(cfg: Config) -> Result<Sidecar, RunError> {
         reqwest::Client::builder().no_proxy().build()?,
         probe,
         deliverer.app().clone(),
+        stop.clone(),
         admin_stop.clone(),
         &tracker,
     )
