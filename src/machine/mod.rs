@@ -39,17 +39,35 @@
 //!   lost records: such an instance is delivered only when its commit carries a matching
 //!   `txn-count`, and is dead-lettered as `offset_gap` otherwise. A skip set that no longer
 //!   matches the log (truncation, reset) is ignored.
+//!
+//! # Layout
+//!
+//! This file holds what the driver sees: the types it exchanges with the machine, the
+//! machine with its constructor and read-outs, and the dispatch of a consumed record
+//! ([`PartitionMachine::on_record`]). The rules live in submodules: `instances` (staging,
+//! commit and `txn-count`, abort, poisoning, dead-lettering an open instance, on the
+//! operator's request too), `tombstones` (tombstones, heads, records replayed from an
+//! earlier owner, what the commit metadata carries) and `expiry` (the clock: expiry of
+//! open transactions and silent tombstones, the window after an offset gap).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+mod expiry;
+mod instances;
+mod tombstones;
+
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 
 use crate::delivery::ReadyTxn;
 use crate::dlq::DeadTxn;
-use crate::offsets::{decode_tombstones, Carried, CommitPoint, OffsetTracker};
+use crate::offsets::{decode_tombstones, CommitPoint, OffsetTracker};
 use crate::protocol::{DecodeError, Kind, Marker, RecordRef, Records};
 use crate::staging::{MemoryStore, OpenTxn, StagingStore};
+
+use expiry::GapWindow;
+use instances::RecentIds;
+use tombstones::{carried, Head, Tombstone, REASONS};
 
 /// Most ids remembered as tombstones per partition; beyond it the oldest is forgotten.
 pub const MAX_TOMBSTONES: usize = 10_000;
@@ -256,61 +274,6 @@ pub enum Action {
 /// fields do not decode and, if it could be read, the id it belongs to.
 pub type Decoded<'a> = Result<Marker<'a>, (DecodeError, Option<&'a str>)>;
 
-#[derive(Debug)]
-struct Tombstone {
-    /// First offset of the instance.
-    first: i64,
-    /// Offset named in `txn-dlq-source` by every dead-lettered part of the instance.
-    source: i64,
-    reason: &'static str,
-    /// Its highest offset whose dead-letter write is acknowledged (`first - 1`: none).
-    written: i64,
-    /// Driver clock at its last record.
-    last_ms: u64,
-    /// Sequence number, for capacity eviction of the oldest.
-    seq: u64,
-}
-
-/// A tombstone read back from commit metadata without its id.
-#[derive(Debug)]
-struct Head {
-    written: i64,
-    source: i64,
-    reason: &'static str,
-}
-
-/// After an offset gap: instances first seen before `until_ms` may have lost records.
-#[derive(Debug)]
-struct GapWindow {
-    until_ms: u64,
-    /// Ids whose marker was seen since the gap: their next instance is whole.
-    cleared: HashSet<Box<str>>,
-}
-
-/// Bounded memory of recently committed ids, to name a second commit `duplicate_commit`.
-#[derive(Default, Debug)]
-struct RecentIds {
-    order: VecDeque<Box<str>>,
-    set: HashSet<Box<str>>,
-}
-
-impl RecentIds {
-    const CAP: usize = 4096;
-    fn insert(&mut self, id: &str) {
-        if self.set.insert(id.into()) {
-            self.order.push_back(id.into());
-            if self.order.len() > Self::CAP {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-    fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
-    }
-}
-
 /// The state of one assigned partition.
 #[derive(Debug)]
 pub struct PartitionMachine {
@@ -504,21 +467,6 @@ impl PartitionMachine {
         self.offsets.committed_at(offset);
     }
 
-    /// Whether an open transaction or a tombstone is old enough to expire if the
-    /// partition is caught up: the driver checks the log end only then.
-    pub fn wants_caught_up(&self, now_ms: u64) -> bool {
-        let t = self.settings.txn_timeout_ms;
-        self.store
-            .open()
-            .iter()
-            .any(|(_, x)| now_ms.saturating_sub(x.opened_ms) > t)
-            || self
-                .tombstones
-                .values()
-                .any(|x| now_ms.saturating_sub(x.last_ms) > t)
-            || self.gap.as_ref().is_some_and(|g| now_ms > g.until_ms)
-    }
-
     /// A work item handed out earlier is complete (delivered, or its dead-letter write
     /// acknowledged).
     pub fn done(&mut self, r: Release) {
@@ -543,84 +491,6 @@ impl PartitionMachine {
                 }
             }
         }
-    }
-
-    /// The clock advanced to `now_ms`; `caught_up` says whether the partition has been
-    /// consumed to the end of its log and is being fetched (not paused). Expires open
-    /// transactions and forgets silent tombstones only when caught up.
-    pub fn tick(&mut self, now_ms: u64, caught_up: bool, out: &mut Vec<Action>) {
-        self.now_ms = self.now_ms.max(now_ms);
-        let now = self.now_ms;
-        if !caught_up {
-            return;
-        }
-        let timeout = self.settings.txn_timeout_ms;
-        if self.gap.as_ref().is_some_and(|g| now > g.until_ms) {
-            self.gap = None;
-        }
-        let mut expired: Vec<(i64, Box<str>)> = self
-            .store
-            .open()
-            .into_iter()
-            .filter(|(_, t)| now.saturating_sub(t.opened_ms) > timeout)
-            .map(|(id, t)| (t.first_offset, id.into()))
-            .collect();
-        // Oldest first, so the dead-letter topic holds them in log order.
-        expired.sort_unstable();
-        for (_, id) in expired {
-            if let Some(t) = self.store.take(&id) {
-                let age_ms = now.saturating_sub(t.opened_ms);
-                let error = format!(
-                    "no commit or abort within {age_ms} ms of consuming the first task, with the partition caught up"
-                );
-                self.tombstone_open(&id, t, "expired", error, age_ms, out);
-            }
-        }
-        let mut silent: Vec<(i64, Box<str>)> = self
-            .tombstones
-            .iter()
-            .filter(|(_, t)| now.saturating_sub(t.last_ms) > timeout)
-            .map(|(id, t)| (t.first, id.clone()))
-            .collect();
-        silent.sort_unstable();
-        for (_, id) in silent {
-            self.forget(&id, "silent", out);
-        }
-    }
-
-    /// Dead-letters the open transaction `id` on an operator's request; returns the number
-    /// of tasks dead-lettered.
-    ///
-    /// # Errors
-    /// [`OperatorRefusal::NotOpen`] when `id` has no open transaction here;
-    /// [`OperatorRefusal::Replaying`] while the partition replays records an earlier owner
-    /// already handled (the transaction may be one it delivered: its commit lies ahead).
-    pub fn operator_dead_letter(
-        &mut self,
-        id: &str,
-        out: &mut Vec<Action>,
-    ) -> Result<usize, OperatorRefusal> {
-        if self.store.get(id).is_none() {
-            return Err(OperatorRefusal::NotOpen);
-        }
-        if let (Some(last), next) = (self.replay_until, self.offsets.next_offset()) {
-            if next.is_none_or(|n| n <= last) {
-                return Err(OperatorRefusal::Replaying { until: last });
-            }
-        }
-        let Some(t) = self.store.take(id) else {
-            return Err(OperatorRefusal::NotOpen);
-        };
-        let tasks = t.tasks.len();
-        self.tombstone_open(
-            id,
-            t,
-            "operator",
-            "dead-lettered through the admin API".into(),
-            0,
-            out,
-        );
-        Ok(tasks)
     }
 
     /// Handles one consumed record at driver clock `now_ms`.
@@ -701,463 +571,12 @@ impl PartitionMachine {
             }
         }
     }
-
-    fn stage(&mut self, id: &str, rec: RecordRef<'_>, out: &mut Vec<Action>) {
-        let offset = rec.offset;
-        let suspect = match &self.gap {
-            Some(g) => !g.cleared.contains(id),
-            None => false,
-        };
-        let now = self.now_ms;
-        let t = self.store.stage(id, rec, now);
-        let (tasks, bytes) = (t.tasks.len(), t.bytes);
-        if tasks == 1 {
-            // This task opened the transaction: hold the commit point below it.
-            self.offsets.hold(offset);
-            if suspect {
-                self.store.mark_suspect(id);
-            }
-        }
-        let s = self.settings;
-        if tasks > s.max_tasks_per_txn || bytes > s.max_txn_bytes {
-            if let Some(t) = self.store.take(id) {
-                let error = format!(
-                    "transaction has {tasks} tasks / {bytes} bytes, limits are {} / {}",
-                    s.max_tasks_per_txn, s.max_txn_bytes
-                );
-                self.tombstone_open(id, t, "too_large", error, 0, out);
-            }
-        }
-    }
-
-    fn abort(&mut self, id: &str, offset: i64, out: &mut Vec<Action>) {
-        self.clear_gap(id);
-        let tasks = match self.store.take(id) {
-            Some(t) => {
-                self.offsets.release(t.first_offset);
-                t.tasks.len()
-            }
-            None => 0,
-        };
-        out.push(Action::Report(Report::Aborted {
-            offset,
-            id: id.to_string(),
-            tasks,
-        }));
-    }
-
-    fn commit(&mut self, id: &str, rec: RecordRef<'_>, count: Option<u64>, out: &mut Vec<Action>) {
-        let offset = rec.offset;
-        self.clear_gap(id);
-        let Some(t) = self.store.take(id) else {
-            let (reason, error) = if self.recent_commits.contains(id) {
-                (
-                    "duplicate_commit",
-                    "a second commit for a transaction already committed",
-                )
-            } else {
-                ("empty_commit", "commit with no staged tasks")
-            };
-            self.offsets.hold(offset);
-            let dead = self.dead(Some(id), rec.into(), reason, error.into(), None);
-            self.emit_dead(
-                dead,
-                offset,
-                Some(offset),
-                Some(Fate::DeadLettered),
-                true,
-                out,
-            );
-            return;
-        };
-        self.recent_commits.insert(id);
-        out.push(Action::Report(Report::Committed {
-            open_ms: self.now_ms.saturating_sub(t.opened_ms),
-        }));
-        let staged = t.tasks.len() as u64;
-        let rejection = match count {
-            Some(expected) if expected != staged => Some((
-                "count_mismatch",
-                format!("commit declares {expected} tasks, {staged} were staged"),
-            )),
-            None if t.suspect => Some((
-                "offset_gap",
-                "the log had a gap before this transaction's records and its commit has no txn-count to prove it whole".to_string(),
-            )),
-            _ => None,
-        };
-        let release = Release {
-            hold: t.first_offset,
-            first: t.first_offset,
-            bytes: t.tasks.encoded_len() as u64 + rec.size(),
-            finish: Some(offset),
-        };
-        if let Some((reason, error)) = rejection {
-            let mut records = t.tasks;
-            records.push(rec);
-            let dead = self.dead(Some(id), records, reason, error, None);
-            let Release { hold, finish, .. } = release;
-            self.emit_dead(dead, hold, finish, Some(Fate::DeadLettered), true, out);
-            return;
-        }
-        self.queued += 1;
-        self.queued_bytes += release.bytes;
-        out.push(Action::Deliver(
-            Committed {
-                id: id.to_string(),
-                commit_offset: offset,
-                first_offset: t.first_offset,
-                tasks: t.tasks,
-                marker: rec.to_record(),
-            },
-            release,
-        ));
-    }
-
-    /// A record whose marker fields do not decode but whose id is known poisons its
-    /// instance: what was staged and this record are dead-lettered as one group, and the
-    /// id is tombstoned until its marker. A commit whose `txn-count` does not parse is
-    /// still a marker: it ends the instance, and nothing is tombstoned.
-    fn poison(&mut self, id: &str, rec: RecordRef<'_>, e: DecodeError, out: &mut Vec<Action>) {
-        let offset = rec.offset;
-        let ends = ends_instance(&e);
-        if self.tombstoned(id, offset) {
-            let kind = if ends {
-                Kind::Commit { count: None }
-            } else {
-                Kind::Task
-            };
-            self.follow(id, rec, &kind, out);
-            return;
-        }
-        let (first, mut records, hold_kept) = match self.store.take(id) {
-            Some(t) => (t.first_offset, t.tasks, true),
-            None => (offset, Records::new(), false),
-        };
-        records.push(rec);
-        let tasks = records.len();
-        if !hold_kept {
-            self.offsets.hold(first);
-        }
-        let fate = (tasks > 1).then_some(Fate::DeadLettered);
-        if ends {
-            self.clear_gap(id);
-            let dead = self.dead(Some(id), records, e.reason(), e.to_string(), None);
-            self.emit_dead(dead, first, Some(offset), fate, true, out);
-            return;
-        }
-        let dead = self.dead(Some(id), records, e.reason(), e.to_string(), Some(first));
-        self.emit_dead(dead, first, Some(offset), fate, false, out);
-        self.tomb_writes.insert(offset, (id.into(), first));
-        self.add_tombstone(id, first, first, e.reason(), first - 1, out);
-        out.push(Action::Report(Report::Tombstoned {
-            offset: first,
-            id: id.to_string(),
-            reason: e.reason(),
-            tasks,
-            age_ms: 0,
-        }));
-    }
-
-    /// Dead-letters an open transaction while open and tombstones its id.
-    fn tombstone_open(
-        &mut self,
-        id: &str,
-        t: OpenTxn,
-        reason: &'static str,
-        error: String,
-        age_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
-        let first = t.first_offset;
-        let tasks = t.tasks.len();
-        // The group's last offset enters the skip set: a new owner replaying it knows the
-        // group up to there is written (see `replayed`).
-        let last = t.tasks.last().map_or(first, |r| r.offset);
-        let dead = self.dead(Some(id), t.tasks, reason, error, Some(first));
-        let fate = if reason == "expired" {
-            Fate::Expired
-        } else {
-            Fate::DeadLettered
-        };
-        // The open transaction's hold at `first` passes to the write.
-        self.emit_dead(dead, first, Some(last), Some(fate), false, out);
-        self.tomb_writes.insert(last, (id.into(), first));
-        self.add_tombstone(id, first, first, reason, first - 1, out);
-        out.push(Action::Report(Report::Tombstoned {
-            offset: first,
-            id: id.to_string(),
-            reason,
-            tasks,
-            age_ms,
-        }));
-    }
-
-    fn add_tombstone(
-        &mut self,
-        id: &str,
-        first: i64,
-        source: i64,
-        reason: &'static str,
-        written: i64,
-        out: &mut Vec<Action>,
-    ) {
-        self.tombstone_seq += 1;
-        self.tombstone_bytes += id.len();
-        self.tombstones.insert(
-            id.into(),
-            Tombstone {
-                first,
-                source,
-                reason,
-                written,
-                last_ms: self.now_ms,
-                seq: self.tombstone_seq,
-            },
-        );
-        while self.tombstones.len() > MAX_TOMBSTONES
-            || (self.tombstone_bytes > MAX_TOMBSTONE_BYTES && self.tombstones.len() > 1)
-        {
-            let Some(oldest) = self
-                .tombstones
-                .iter()
-                .min_by_key(|(_, t)| t.seq)
-                .map(|(id, _)| id.clone())
-            else {
-                break;
-            };
-            self.forget(&oldest, "capacity", out);
-        }
-    }
-
-    /// Whether a record of `id` at `offset` belongs to a tombstoned instance.
-    fn tombstoned(&self, id: &str, offset: i64) -> bool {
-        self.tombstones.get(id).is_some_and(|t| offset >= t.first)
-    }
-
-    /// A record an earlier owner already dead-lettered as part of a tombstoned instance
-    /// (from the metadata: the instance's head, or a record up to its `written` offset):
-    /// recreates the tombstone from a head and skips what was written. `true` when the
-    /// record is done with.
-    fn written_before(
-        &mut self,
-        offset: i64,
-        decoded: &Decoded<'_>,
-        out: &mut Vec<Action>,
-    ) -> bool {
-        let (id, marker) = match decoded {
-            Ok(m) => (m.id, matches!(m.kind, Kind::Commit { .. } | Kind::Abort)),
-            Err((e, Some(id))) => (*id, ends_instance(e)),
-            Err((_, None)) => return false,
-        };
-        if let Some(h) = self.heads.remove(&offset) {
-            if let Some(t) = self.store.take(id) {
-                self.offsets.release(t.first_offset);
-            }
-            self.add_tombstone(id, offset, h.source, h.reason, h.written, out);
-        }
-        let now = self.now_ms;
-        let Some(t) = self.tombstones.get_mut(id) else {
-            return false;
-        };
-        if offset < t.first || offset > t.written {
-            return false;
-        }
-        t.last_ms = now;
-        if marker {
-            self.tombstones.remove(id);
-            self.tombstone_bytes -= id.len();
-            self.clear_gap(id);
-        }
-        true
-    }
-
-    fn forget(&mut self, id: &str, why: &'static str, out: &mut Vec<Action>) {
-        if let Some(t) = self.tombstones.remove(id) {
-            self.tombstone_bytes -= id.len();
-            out.push(Action::Report(Report::TombstoneForgotten {
-                offset: t.first,
-                id: id.to_string(),
-                why,
-            }));
-        }
-    }
-
-    /// A record of a tombstoned id follows its instance into the dead-letter topic; a
-    /// marker ends the tombstone once written.
-    fn follow(&mut self, id: &str, rec: RecordRef<'_>, kind: &Kind, out: &mut Vec<Action>) {
-        let offset = rec.offset;
-        let marker = matches!(kind, Kind::Commit { .. } | Kind::Abort);
-        let now = self.now_ms;
-        let Some(t) = self.tombstones.get_mut(id) else {
-            return;
-        };
-        t.last_ms = now;
-        let (reason, source, first) = (t.reason, t.source, t.first);
-        if marker {
-            if let Some(t) = self.tombstones.remove(id) {
-                self.tombstone_bytes -= id.len();
-                // Until the marker is written, a new owner still needs the tombstone to
-                // dead-letter it: it keeps travelling in the commit metadata.
-                self.closing.insert(offset, (id.into(), t));
-            }
-            self.clear_gap(id);
-        }
-        self.offsets.hold(offset);
-        let error = format!(
-            "the transaction instance that began at offset {first} was dead-lettered as {reason}; its later records follow it"
-        );
-        let dead = self.dead(Some(id), rec.into(), reason, error, Some(source));
-        self.emit_dead(dead, offset, Some(offset), None, false, out);
-        self.tomb_writes.insert(offset, (id.into(), first));
-    }
-
-    /// A record at an offset in the skip set: an earlier owner completed its handling.
-    fn replayed(&mut self, offset: i64, decoded: &Decoded<'_>, out: &mut Vec<Action>) {
-        let (id, marker) = match decoded {
-            Ok(m) => (m.id, matches!(m.kind, Kind::Commit { .. } | Kind::Abort)),
-            Err((e, Some(id))) => (*id, ends_instance(e)),
-            Err((_, None)) => return,
-        };
-        let staged = self.store.take(id);
-        if let Some(t) = &staged {
-            self.offsets.release(t.first_offset);
-            // The skip set loaded on assign carries ends, not firsts: note where this
-            // instance began here, so a commit point that cannot rely on metadata stays at
-            // or below it and a later owner never replays its tail alone.
-            self.offsets.finish(offset, t.first_offset);
-        }
-        if marker {
-            if self.tombstones.remove(id).is_some() {
-                self.tombstone_bytes -= id.len();
-            }
-            self.clear_gap(id);
-            // Only a commit that had tasks staged was a delivery (an empty or duplicate
-            // commit was dead-lettered on its own).
-            if let (
-                Ok(Marker {
-                    kind: Kind::Commit { .. },
-                    ..
-                }),
-                Some(_),
-            ) = (decoded, &staged)
-            {
-                out.push(Action::Report(Report::DuplicateSkipped {
-                    offset,
-                    id: id.to_string(),
-                }));
-            }
-        } else if !self.tombstones.contains_key(id) {
-            // The group up to here was dead-lettered while its instance was open.
-            let first = staged.as_ref().map_or(offset, |t| t.first_offset);
-            let reason = "replayed";
-            self.add_tombstone(id, first, first, reason, offset, out);
-        } else if let Some(t) = self.tombstones.get_mut(id) {
-            t.last_ms = self.now_ms;
-        }
-    }
-
-    fn clear_gap(&mut self, id: &str) {
-        if let Some(g) = &mut self.gap {
-            g.cleared.insert(id.into());
-        }
-    }
-
-    fn dead(
-        &self,
-        id: Option<&str>,
-        records: Records,
-        reason: &'static str,
-        error: String,
-        source: Option<i64>,
-    ) -> DeadTxn {
-        DeadTxn {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            id: id.map(str::to_string),
-            records,
-            reason,
-            error,
-            attempts: 0,
-            source,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn emit_dead(
-        &mut self,
-        dead: DeadTxn,
-        hold: i64,
-        finish: Option<i64>,
-        fate: Option<Fate>,
-        report: bool,
-        out: &mut Vec<Action>,
-    ) {
-        self.queued += 1;
-        let bytes = dead.records.encoded_len() as u64;
-        // A later record of a tombstoned instance names the instance's first record as
-        // its source.
-        let first = dead.source.map_or(hold, |s| s.min(hold));
-        self.queued_bytes += bytes;
-        if report {
-            out.push(Action::Report(Report::Rejected {
-                offset: dead.records.last().map_or(hold, |r| r.offset),
-                id: dead.id.clone(),
-                reason: dead.reason,
-                error: dead.error.clone(),
-            }));
-        }
-        out.push(Action::DeadLetter(
-            dead,
-            Release {
-                hold,
-                first,
-                bytes,
-                finish,
-            },
-            fate,
-        ));
-    }
 }
 
 /// Whether a record that fails to decode for `e` is still its instance's marker.
 fn ends_instance(e: &DecodeError) -> bool {
     matches!(e, DecodeError::InvalidCount(..))
 }
-
-/// Tombstones as the commit metadata carries them: the live ones and those whose marker
-/// is being written.
-fn carried<'a>(
-    tombstones: &'a HashMap<Box<str>, Tombstone>,
-    closing: &'a BTreeMap<i64, (Box<str>, Tombstone)>,
-) -> Vec<Carried<'a>> {
-    tombstones
-        .iter()
-        .chain(closing.values().map(|(id, t)| (id, t)))
-        .map(|(id, t)| Carried {
-            first: t.first,
-            written: t.written,
-            source: t.source,
-            reason: t.reason,
-            id,
-        })
-        .collect()
-}
-
-/// Dead-letter reasons a tombstone read back from commit metadata may carry; any other
-/// is kept as `replayed`.
-const REASONS: [&str; 10] = [
-    "expired",
-    "too_large",
-    "operator",
-    "not_utf8",
-    "missing_type",
-    "unknown_type",
-    "missing_id",
-    "bad_key_prefix",
-    "invalid_count",
-    "replayed",
-];
 
 /// The dead-letter group of a committed transaction whose delivery failed: its tasks,
 /// then its marker. The driver releases it with the delivery's [`Release`].
