@@ -833,7 +833,7 @@ fn check(h: &Harness, model: &Model, end: bool) {
 
 prop_state_machine! {
     #![proptest_config(ProptestConfig {
-        cases: 1024,
+        cases: 4096,
         max_shrink_iters: 4096,
         ..ProptestConfig::default()
     })]

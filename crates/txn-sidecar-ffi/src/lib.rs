@@ -27,6 +27,7 @@ pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
 ///
 /// Empty when the record has none or librdkafka cannot parse them (it then reports the
 /// same error for every read, so there is nothing partial to return).
+#[inline]
 pub fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<RawHeader<'a>> {
     let mut out = Vec::new();
     let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
