@@ -891,3 +891,85 @@ fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
         "the untrusted commit passed the replayed instance's first record"
     );
 }
+
+/// An instance that began BELOW the committed offset and ends in the skip set loaded on
+/// assign (the previous owner, trusting metadata, committed past its first record): the
+/// new owner does not know where it began. If the new owner's later commit leaves its end
+/// out of the metadata (here: many tombstones take the bytes), the next owner replays the
+/// instance's tail alone and delivers it: a partial transaction.
+#[test]
+fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() {
+    let rec = |id: &'static str, kind: RecKind| Rec {
+        id: Some(id),
+        kind,
+        count: None,
+        big: false,
+        binary: false,
+        ts: 1_700_000_000_000,
+    };
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    // 0: c task (below the committed offset), 1: x task (x stays open: held the previous
+    // owner's offset at 1), 2: c task, 3..3+M: tasks of M ids that stay open,
+    // 3+M: c commit (delivered by the previous owner; its end travels in the skip set).
+    const M: usize = 300;
+    let mut log = vec![rec("c", RecKind::Task), rec("x", RecKind::Task), rec("c", RecKind::Task)];
+    for i in 0..M {
+        log.push(rec(leak(format!("o{i}")), RecKind::Task));
+    }
+    let c_commit = log.len() as i64;
+    log.push(rec("c", RecKind::Commit(CountKind::None)));
+    let (metadata, _) =
+        txn_sidecar::offsets::encode_metadata(1, &BTreeSet::from([c_commit]));
+    let a = Assignment {
+        committed: Some(1),
+        metadata,
+        log_start: Some(0),
+        log_end: Some(log.len() as i64),
+    };
+    let mut actions = Vec::new();
+    let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
+    m.metadata_kept(); // as the driver does: metadata found on assign
+    for (o, r) in log.iter().enumerate().skip(1) {
+        let record = r.to_record(o as i64);
+        let decoded = protocol::decode(&record, Protocol::Headers, &names());
+        m.on_record(record.view(), decoded, 0, &mut actions);
+    }
+    // Everything open expires (x and the M ids); acknowledge every dead-letter write.
+    m.tick(10 * TIMEOUT, true, &mut actions);
+    for act in actions.drain(..) {
+        match act {
+            Action::Deliver(..) => panic!("the skipped commit was delivered again"),
+            Action::DeadLetter(_, r, _) => m.done(r),
+            Action::Report(_) => {}
+        }
+    }
+    let cp = m.final_commit_point().expect("a commit point");
+    eprintln!("cp offset {} carried {} not_carried {} dropped {} metadata {:?}", cp.offset, cp.carried, cp.not_carried, cp.dropped, &cp.metadata[..cp.metadata.len().min(200)]);
+    // Next owner: starts at cp.offset with cp.metadata.
+    let a2 = Assignment {
+        committed: Some(cp.offset),
+        metadata: cp.metadata.clone(),
+        log_start: Some(0),
+        log_end: Some(log.len() as i64),
+    };
+    let mut actions = Vec::new();
+    let mut m2 = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a2, 0, &mut actions);
+    m2.metadata_kept();
+    for (o, r) in log.iter().enumerate().skip(cp.offset as usize) {
+        let record = r.to_record(o as i64);
+        let decoded = protocol::decode(&record, Protocol::Headers, &names());
+        m2.on_record(record.view(), decoded, 0, &mut actions);
+    }
+    for act in &actions {
+        if let Action::Deliver(c, _) = act {
+            panic!(
+                "delivered {} with tasks at {:?} (committed {}, metadata {} bytes, dropped {}): its task at 0 is missing",
+                c.id,
+                c.tasks.iter().map(|t| t.offset).collect::<Vec<_>>(),
+                cp.offset,
+                cp.metadata.len(),
+                cp.dropped,
+            );
+        }
+    }
+}
