@@ -912,14 +912,17 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
     // owner's offset at 1), 2: c task, 3..3+M: tasks of M ids that stay open,
     // 3+M: c commit (delivered by the previous owner; its end travels in the skip set).
     const M: usize = 300;
-    let mut log = vec![rec("c", RecKind::Task), rec("x", RecKind::Task), rec("c", RecKind::Task)];
+    let mut log = vec![
+        rec("c", RecKind::Task),
+        rec("x", RecKind::Task),
+        rec("c", RecKind::Task),
+    ];
     for i in 0..M {
         log.push(rec(leak(format!("o{i}")), RecKind::Task));
     }
     let c_commit = log.len() as i64;
     log.push(rec("c", RecKind::Commit(CountKind::None)));
-    let (metadata, _) =
-        txn_sidecar::offsets::encode_metadata(1, &BTreeSet::from([c_commit]));
+    let (metadata, _) = txn_sidecar::offsets::encode_metadata(1, &BTreeSet::from([c_commit]));
     let a = Assignment {
         committed: Some(1),
         metadata,
@@ -944,7 +947,14 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
         }
     }
     let cp = m.final_commit_point().expect("a commit point");
-    eprintln!("cp offset {} carried {} not_carried {} dropped {} metadata {:?}", cp.offset, cp.carried, cp.not_carried, cp.dropped, &cp.metadata[..cp.metadata.len().min(200)]);
+    eprintln!(
+        "cp offset {} carried {} not_carried {} dropped {} metadata {:?}",
+        cp.offset,
+        cp.carried,
+        cp.not_carried,
+        cp.dropped,
+        &cp.metadata[..cp.metadata.len().min(200)]
+    );
     // Next owner: starts at cp.offset with cp.metadata.
     let a2 = Assignment {
         committed: Some(cp.offset),
