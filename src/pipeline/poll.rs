@@ -241,6 +241,9 @@ pub fn consume(
         e.tick(&consumer);
         timeout = e.poll_timeout();
     }
+    // A fatal error drains too: `/readyz` answers 503 (`shutting_down`) from here on,
+    // as it does after SIGTERM.
+    shutdown.cancel();
     // Every step from here runs inside `shutdown_grace`, whatever the brokers do.
     let drain_started = Instant::now();
     let deadline = drain_started + cfg.shutdown_grace.max(Duration::from_secs(1));
