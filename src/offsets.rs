@@ -35,6 +35,11 @@ pub struct OffsetTracker {
     /// owner finished): an instance the committed offset passes is safe only while its
     /// finished offset travels in the skip set.
     firsts: BTreeMap<i64, i64>,
+    /// The finished offsets loaded on assign and not yet passed. Where such an instance
+    /// began is unknown (possibly below the committed offset, which the earlier owner may
+    /// have moved past it while the skip set carried its end), so no commit point may
+    /// leave one out of the metadata: a later owner would deliver its tail alone.
+    inherited: BTreeSet<i64>,
     /// Whether the broker is known to keep commit metadata. Until a commit has been read
     /// back with it, the skip set and tombstones are written but not relied on.
     metadata_trusted: bool,
@@ -199,6 +204,7 @@ impl OffsetTracker {
         OffsetTracker {
             pending: BTreeMap::new(),
             next: None,
+            inherited: finished.clone(),
             finished,
             firsts: BTreeMap::new(),
             metadata_trusted: false,
@@ -210,6 +216,7 @@ impl OffsetTracker {
     /// Drops the skip set loaded on assign (the log no longer matches it).
     pub fn forget_skip_set(&mut self) {
         self.finished.clear();
+        self.inherited.clear();
     }
 
     /// Notes that `offset` was consumed.
@@ -316,7 +323,17 @@ impl OffsetTracker {
         let full: Vec<String> = sorted.iter().map(|t| t.encode(false)).collect();
         let head: Vec<String> = sorted.iter().map(|t| t.encode(true)).collect();
         let needed = sorted.iter().take_while(|t| t.first < offset).count();
-        let budget = MAX_METADATA_BYTES - HEADER_RESERVE;
+        // Inherited skip entries travel before any tombstone (see `inherited`): they fitted
+        // in the commit that carried them here, and a base at or above it only shortens
+        // their deltas. Reserved at their length from the last commit, an upper bound.
+        let floor_base = self.committed.unwrap_or(offset).min(offset);
+        let reserve: usize = self
+            .inherited
+            .range(offset..)
+            .map(|e| digits(e - floor_base) + 1)
+            .sum::<usize>()
+            .min(MAX_METADATA_BYTES - HEADER_RESERVE);
+        let budget = MAX_METADATA_BYTES - HEADER_RESERVE - reserve;
         let head_total: usize = head.iter().map(String::len).sum();
         // Largest k (whole entries) with whole[..k] + heads[k..] within the budget.
         let mut cost: usize = head_total
@@ -336,7 +353,7 @@ impl OffsetTracker {
         let mut tail = String::new();
         let (mut carried, mut not_carried) = (0, 0);
         for (i, piece) in full[..k].iter().chain(head[k..].iter()).enumerate() {
-            if HEADER_RESERVE + tail.len() + piece.len() <= MAX_METADATA_BYTES {
+            if HEADER_RESERVE + reserve + tail.len() + piece.len() <= MAX_METADATA_BYTES {
                 tail.push_str(piece);
                 carried += 1;
             } else {
@@ -365,16 +382,19 @@ impl OffsetTracker {
             }
         }
         let (metadata, dropped) = loop {
-            let (metadata, dropped, cut) = encode_metadata_cut(offset, &self.finished, &tail);
-            let from = if lost { Some(offset) } else { cut };
-            let lower = from.and_then(|from| {
-                self.finished
-                    .range(from..)
-                    .filter_map(|e| self.firsts.get(e))
-                    .filter(|f| **f < offset)
-                    .min()
-                    .copied()
-            });
+            let (metadata, dropped, left_out) =
+                encode_metadata_cut(offset, &self.finished, &self.inherited, &tail);
+            let candidates: Vec<i64> = if lost {
+                self.finished.range(offset..).copied().collect()
+            } else {
+                left_out
+            };
+            let lower = candidates
+                .iter()
+                .filter_map(|e| self.firsts.get(e))
+                .filter(|f| **f < offset)
+                .min()
+                .copied();
             match lower.map(|l| l.max(floor)) {
                 Some(l) if l < offset => offset = l,
                 _ => break (metadata, dropped),
@@ -383,6 +403,7 @@ impl OffsetTracker {
         // Entries below the offset will never be read again by anyone.
         self.finished = self.finished.split_off(&offset);
         self.firsts = self.firsts.split_off(&offset);
+        self.inherited = self.inherited.split_off(&offset);
         Some(CommitPoint {
             offset,
             metadata,
@@ -417,35 +438,85 @@ impl OffsetTracker {
 /// Keeps the lowest offsets that fit, since the next owner reaches those first; the
 /// count of those that did not fit is returned (they are redelivered, never lost).
 pub fn encode_metadata(base: i64, finished: &BTreeSet<i64>) -> (String, usize) {
-    let (m, dropped, _) = encode_metadata_cut(base, finished, "");
+    let (m, dropped, _) = encode_metadata_cut(base, finished, &BTreeSet::new(), "");
     (m, dropped)
 }
 
 /// [`encode_metadata`] with encoded tombstones (`tail`) after the skip set, which gets
-/// the bytes they leave; also the lowest finished offset left out, if any.
+/// the bytes they leave, and `pinned` offsets that are kept before any other; also the
+/// finished offsets left out, lowest first.
 fn encode_metadata_cut(
     base: i64,
     finished: &BTreeSet<i64>,
+    pinned: &BTreeSet<i64>,
     tail: &str,
-) -> (String, usize, Option<i64>) {
+) -> (String, usize, Vec<i64>) {
     let limit = MAX_METADATA_BYTES.saturating_sub(tail.len());
-    let mut out = format!("{METADATA_PREFIX}{base}:");
-    let mut prev = base;
-    let mut written = 0;
-    let mut cut = None;
-    for &o in finished.range(base..) {
-        let piece = format!("{}{}", if written == 0 { "" } else { "," }, o - prev);
-        if out.len() + piece.len() > limit {
-            cut = Some(o);
+    let header = METADATA_PREFIX.len() + digits(base) + 1;
+    // The length of the deltas (with their commas) of a sorted chain from `base`.
+    let mut kept: BTreeSet<i64> = BTreeSet::new();
+    let mut body = 0usize;
+    let add = |kept: &BTreeSet<i64>, o: i64| -> usize {
+        let prev = kept.range(..o).next_back().copied().unwrap_or(base);
+        let comma = usize::from(!kept.is_empty());
+        match kept.range(o + 1..).next() {
+            Some(&next) => digits(o - prev) + digits(next - o) + 1 - digits(next - prev),
+            None => digits(o - prev) + comma,
+        }
+    };
+    // Pinned first (they fitted before; the highest go only if they cannot all fit).
+    for &o in pinned.range(base..).filter(|o| finished.contains(o)) {
+        let cost = add(&kept, o);
+        if header + body + cost > limit {
             break;
         }
-        out.push_str(&piece);
-        prev = o;
-        written += 1;
+        body += cost;
+        kept.insert(o);
     }
-    let total = finished.range(base..).count();
+    // Then the others, lowest first: the next owner reaches those first.
+    let mut full = false;
+    let mut left_out = Vec::new();
+    for &o in finished.range(base..) {
+        if kept.contains(&o) {
+            continue;
+        }
+        if !full {
+            let cost = add(&kept, o);
+            if header + body + cost <= limit {
+                body += cost;
+                kept.insert(o);
+                continue;
+            }
+            full = true;
+        }
+        left_out.push(o);
+    }
+    let mut out = String::with_capacity(header + body + tail.len());
+    out.push_str(METADATA_PREFIX);
+    out.push_str(&base.to_string());
+    out.push(':');
+    let mut prev = base;
+    for (i, o) in kept.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&(o - prev).to_string());
+        prev = *o;
+    }
     out.push_str(tail);
-    (out, total - written, cut)
+    let dropped = finished.range(base..).count() - kept.len();
+    (out, dropped, left_out)
+}
+
+/// Decimal digits of `n` (≥ 0).
+fn digits(n: i64) -> usize {
+    let mut n = n.max(0);
+    let mut d = 1;
+    while n >= 10 {
+        n /= 10;
+        d += 1;
+    }
+    d
 }
 
 /// Decodes metadata written by [`encode_metadata`]. Anything else (another tool's
@@ -627,6 +698,91 @@ mod tests {
         assert_eq!(back.len() + dropped, set.len());
         assert!(back.iter().all(|o| set.contains(o)));
         assert_eq!(back.iter().next_back(), set.iter().nth(back.len() - 1));
+    }
+
+    /// `txs2:0:` and every delta of `set`, whatever the size limit.
+    fn unbounded_encoding(set: &BTreeSet<i64>) -> String {
+        let mut out = format!("{METADATA_PREFIX}0:");
+        let mut prev = 0;
+        for (i, o) in set.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&(o - prev).to_string());
+            prev = *o;
+        }
+        out
+    }
+
+    #[test]
+    fn pinned_offsets_travel_before_lower_ones_and_the_metadata_still_fits() {
+        let set: BTreeSet<i64> = (0..5000).map(|i| i * 1000).collect();
+        // The two highest must travel, although the lowest alone fill the metadata.
+        let pinned: BTreeSet<i64> = set.iter().rev().take(2).copied().collect();
+        let (m, dropped, left_out) = encode_metadata_cut(0, &set, &pinned, ";tail");
+        assert!(m.len() <= MAX_METADATA_BYTES, "{}", m.len());
+        assert!(m.ends_with(";tail"));
+        let back = decode_metadata(0, &m);
+        assert!(pinned.iter().all(|o| back.contains(o)), "pinned left out");
+        assert_eq!(back.len() + dropped, set.len());
+        assert_eq!(left_out.len(), dropped);
+        assert!(left_out
+            .iter()
+            .all(|o| !back.contains(o) && !pinned.contains(o)));
+        // The others kept are the lowest ones.
+        let others: Vec<i64> = back
+            .iter()
+            .filter(|o| !pinned.contains(o))
+            .copied()
+            .collect();
+        assert_eq!(
+            others,
+            set.iter().take(others.len()).copied().collect::<Vec<_>>()
+        );
+        // Exactly as long as its length accounting says: one more entry would not fit.
+        let next = left_out[0];
+        let mut more = back.clone();
+        more.insert(next);
+        let longer = format!("{}{}", unbounded_encoding(&more), ";tail");
+        assert!(
+            longer.len() > MAX_METADATA_BYTES,
+            "{} would have fitted",
+            next
+        );
+    }
+
+    #[test]
+    fn an_inherited_skip_entry_is_carried_whatever_the_tombstones_need() {
+        // Committed at 1 by an earlier owner with 303.. finished: the instances ending there
+        // may have begun below 1, so they travel as long as the offset is at or below them.
+        // Twenty of them: more than the bytes the header reserve leaves.
+        let inherited: BTreeSet<i64> = (303..323).collect();
+        let (meta, _) = encode_metadata(1, &inherited);
+        let mut t = OffsetTracker::assigned(Some(1), &meta);
+        t.metadata_kept();
+        // An instance open at 1 holds the offset there; 300 ids dead-lettered while open
+        // above it travel as heads, more than the metadata holds.
+        t.hold(1);
+        let tombstones: Vec<Carried<'_>> = (2..302)
+            .map(|i| Carried {
+                first: i,
+                written: i,
+                source: i,
+                reason: "expired",
+                id: "id",
+            })
+            .collect();
+        t.consumed(400);
+        let cp = t.final_commit_point(&tombstones).unwrap();
+        assert_eq!(cp.offset, 1);
+        assert!(cp.metadata.len() <= MAX_METADATA_BYTES);
+        assert!(cp.not_carried > 0, "the heads should not all fit");
+        let back = decode_metadata(1, &cp.metadata);
+        assert!(
+            inherited.iter().all(|o| back.contains(o)),
+            "inherited entries left out: {}",
+            &cp.metadata[..80]
+        );
     }
 
     /// A model of one partition: transactions open at some offset and commit later;

@@ -947,14 +947,6 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
         }
     }
     let cp = m.final_commit_point().expect("a commit point");
-    eprintln!(
-        "cp offset {} carried {} not_carried {} dropped {} metadata {:?}",
-        cp.offset,
-        cp.carried,
-        cp.not_carried,
-        cp.dropped,
-        &cp.metadata[..cp.metadata.len().min(200)]
-    );
     // Next owner: starts at cp.offset with cp.metadata.
     let a2 = Assignment {
         committed: Some(cp.offset),

@@ -174,9 +174,10 @@ impl PartitionMachine {
         let staged = self.store.take(id);
         if let Some(t) = &staged {
             self.offsets.release(t.first_offset);
-            // The skip set loaded on assign carries ends, not firsts: note where this
-            // instance began here, so a commit point that cannot rely on metadata stays at
-            // or below it and a later owner never replays its tail alone.
+            // The skip set loaded on assign carries ends, not firsts: note where this owner
+            // first saw the instance, so a commit point that cannot rely on metadata stays
+            // at or below it. (Where it began may lie below the committed offset; the
+            // offset tracker therefore keeps inherited entries in the metadata.)
             self.offsets.finish(offset, t.first_offset);
         }
         if marker {
