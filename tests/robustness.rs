@@ -586,3 +586,87 @@ async fn over_the_staged_bytes_budget_only_the_oldest_transactions_partition_kee
     s.shutdown();
     s.wait().await.unwrap();
 }
+
+/// Headers of every hostile shape, read from the broker by the sidecar's own header
+/// reader (`crates/txn-sidecar-ffi`), reach the app exactly: a repeated marker header
+/// (the first decides), an empty name, a null value next to an empty one, NUL bytes in a
+/// value, a repeated name, and hundreds of headers on one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_headers_reach_the_app_exactly_and_the_first_marker_header_decides() {
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    let s = txn_sidecar::start(config(&kafka.brokers, T, &app.url(), &[]))
+        .await
+        .unwrap();
+    let many: Vec<String> = (0..300).map(|i| format!("n{i:03}")).collect();
+    let mut headers: Vec<(&str, Option<&[u8]>)> = vec![
+        ("txn-id", Some(b"h".as_slice())),
+        ("txn-type", Some(b"task".as_slice())),
+        // Repeated marker headers: the first of each decides; none reaches the app.
+        ("txn-id", Some(b"other".as_slice())),
+        ("txn-type", Some(b"commit".as_slice())),
+        ("", Some(b"empty name".as_slice())),
+        ("nul", Some(b"a\0b".as_slice())),
+        ("null", None),
+        ("empty", Some(b"".as_slice())),
+        ("dup", Some(b"1".as_slice())),
+        ("dup", Some(b"2".as_slice())),
+    ];
+    for n in &many {
+        headers.push((n.as_str(), Some(b"v".as_slice())));
+    }
+    kafka.send_raw(T, 0, &headers, Some(br#"{"task":1}"#));
+    kafka.commit(T, 0, "h");
+    kafka.flush();
+    app.wait_accepted(1, Duration::from_secs(30)).await;
+    let got = app.accepted();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let g = &got[0];
+    assert_eq!(g.id(), "h");
+    let tasks = g.body["tasks"].as_array().unwrap();
+    assert_eq!(
+        tasks.len(),
+        1,
+        "the repeated txn-type must not end the transaction"
+    );
+    let t = &tasks[0];
+    // The object: sorted by name, the last of a repeated name wins.
+    let h = t["headers"].as_object().unwrap();
+    assert_eq!(h.len(), 5 + many.len(), "{h:?}");
+    assert_eq!(h[""], "empty name");
+    assert_eq!(h["nul"], "a\u{0}b");
+    assert_eq!(h["null"], serde_json::Value::Null);
+    assert_eq!(h["empty"], "");
+    assert_eq!(h["dup"], "2");
+    assert!(many.iter().all(|n| h[n.as_str()] == "v"));
+    assert!(!h.contains_key("txn-id") && !h.contains_key("txn-type"));
+    // The list: every non-marker header in record order, because a name repeats.
+    let list: Vec<(String, serde_json::Value)> = t["header_list"]
+        .as_array()
+        .expect("header_list, since a name repeats")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].clone()))
+        .collect();
+    let mut expected: Vec<(String, serde_json::Value)> = vec![
+        ("".into(), "empty name".into()),
+        ("nul".into(), "a\u{0}b".into()),
+        ("null".into(), serde_json::Value::Null),
+        ("empty".into(), "".into()),
+        ("dup".into(), "1".into()),
+        ("dup".into(), "2".into()),
+    ];
+    expected.extend(many.iter().map(|n| (n.clone(), "v".into())));
+    assert_eq!(list, expected);
+    let m = metrics_of(&s).await;
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("txn_sidecar_dead_letters_total{") && !l.ends_with(" 0")),
+        "nothing may be dead-lettered: {m}"
+    );
+    assert_eq!(
+        metric(&m, "txn_sidecar_records_consumed_total{kind=\"invalid\"}").unwrap_or(0.0),
+        0.0
+    );
+    s.shutdown();
+    s.wait().await.unwrap();
+}

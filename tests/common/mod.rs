@@ -170,6 +170,27 @@ impl Kafka {
         self.producer.send(rec).map_err(|(e, _)| e).expect("send");
     }
 
+    /// Queues one record whose headers may have null values (`None`), unlike
+    /// [`Kafka::send`].
+    pub fn send_raw(
+        &self,
+        topic: &str,
+        partition: i32,
+        headers: &[(&str, Option<&[u8]>)],
+        value: Option<&[u8]>,
+    ) {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: *v });
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).partition(partition).headers(h);
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        self.producer.send(rec).map_err(|(e, _)| e).expect("send");
+    }
+
     /// Headers-protocol task.
     pub fn task(&self, topic: &str, partition: i32, id: &str, value: &str) {
         self.send(

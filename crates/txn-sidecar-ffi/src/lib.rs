@@ -27,6 +27,13 @@ pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
 ///
 /// Empty when the record has none or librdkafka cannot parse them (it then reports the
 /// same error for every read, so there is nothing partial to return).
+///
+/// A name holding a NUL byte ends at it: librdkafka hands names out as C strings and
+/// keeps their length to itself. Values are exact (`size` bytes, NUL bytes included).
+///
+/// librdkafka parses a message's headers on first access and caches them in the message;
+/// like rust-rdkafka's own `headers()`, this must not run on one message from two threads
+/// at once (the sidecar reads each message on the one thread that polled it).
 #[inline]
 pub fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<RawHeader<'a>> {
     let mut out = Vec::new();
