@@ -9,11 +9,12 @@
 //! `txn_sidecar_app_up`, read by `/readyz`) says so.
 //!
 //! The request body the app receives is rendered in `body`; the app's HTTP/1.1 client
-//! (keep-alive connections, reachability) is `client`. This module holds the request
+//! (keep-alive connections) is `client`, and the reachability it records `health`. This module holds the request
 //! headers, the retry policy ([`Budget`]) and the [`Deliverer`] that applies it.
 
 mod body;
 mod client;
+mod health;
 #[cfg(test)]
 mod testing;
 
