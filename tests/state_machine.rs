@@ -842,6 +842,27 @@ prop_state_machine! {
     fn the_machine_keeps_every_guarantee(sequential 1..120 => Test);
 }
 
+/// A plain record of `id` (no count, small, text), for hand-written logs.
+fn rec(id: &'static str, kind: RecKind) -> Rec {
+    Rec {
+        id: Some(id),
+        kind,
+        count: None,
+        big: false,
+        binary: false,
+        ts: 1_700_000_000_000,
+    }
+}
+
+/// Feeds `log[from..]` to `m` at time 0.
+fn feed(m: &mut PartitionMachine, log: &[Rec], from: usize, actions: &mut Vec<Action>) {
+    for (o, r) in log.iter().enumerate().skip(from) {
+        let record = r.to_record(o as i64);
+        let decoded = protocol::decode(&record, Protocol::Headers, &names());
+        m.on_record(record.view(), decoded, 0, actions);
+    }
+}
+
 /// A skip set loaded on assign names where finished instances end, not where they began.
 /// A new owner that replays such an instance whole must still hold a commit point that
 /// cannot rely on metadata at the instance's first record: committing past it, then
@@ -850,14 +871,6 @@ prop_state_machine! {
 /// counts as read back.)
 #[test]
 fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
-    let rec = |id: &'static str, kind: RecKind| Rec {
-        id: Some(id),
-        kind,
-        count: None,
-        big: false,
-        binary: false,
-        ts: 1_700_000_000_000,
-    };
     // 0: an empty commit of "a" (dead-lettered), 1: task of "c", 2: task of "a" (stays
     // open), 3: task of "c", 4: commit of "c" (delivered by the earlier owner).
     let log = [
@@ -876,11 +889,7 @@ fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
     };
     let mut actions = Vec::new();
     let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
-    for (o, r) in log.iter().enumerate().skip(1) {
-        let record = r.to_record(o as i64);
-        let decoded = protocol::decode(&record, Protocol::Headers, &names());
-        m.on_record(record.view(), decoded, 0, &mut actions);
-    }
+    feed(&mut m, &log, 1, &mut actions);
     assert!(
         !actions.iter().any(|a| matches!(a, Action::Deliver(..))),
         "the skipped commit was delivered again"
@@ -899,14 +908,6 @@ fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
 /// instance's tail alone and delivers it: a partial transaction.
 #[test]
 fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() {
-    let rec = |id: &'static str, kind: RecKind| Rec {
-        id: Some(id),
-        kind,
-        count: None,
-        big: false,
-        binary: false,
-        ts: 1_700_000_000_000,
-    };
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     // 0: c task (below the committed offset), 1: x task (x stays open: held the previous
     // owner's offset at 1), 2: c task, 3..3+M: tasks of M ids that stay open,
@@ -932,11 +933,7 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
     let mut actions = Vec::new();
     let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
     m.metadata_kept(); // as the driver does: metadata found on assign
-    for (o, r) in log.iter().enumerate().skip(1) {
-        let record = r.to_record(o as i64);
-        let decoded = protocol::decode(&record, Protocol::Headers, &names());
-        m.on_record(record.view(), decoded, 0, &mut actions);
-    }
+    feed(&mut m, &log, 1, &mut actions);
     // Everything open expires (x and the M ids); acknowledge every dead-letter write.
     m.tick(10 * TIMEOUT, true, &mut actions);
     for act in actions.drain(..) {
@@ -957,11 +954,7 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
     let mut actions = Vec::new();
     let mut m2 = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a2, 0, &mut actions);
     m2.metadata_kept();
-    for (o, r) in log.iter().enumerate().skip(cp.offset as usize) {
-        let record = r.to_record(o as i64);
-        let decoded = protocol::decode(&record, Protocol::Headers, &names());
-        m2.on_record(record.view(), decoded, 0, &mut actions);
-    }
+    feed(&mut m2, &log, cp.offset as usize, &mut actions);
     for act in &actions {
         if let Action::Deliver(c, _) = act {
             panic!(

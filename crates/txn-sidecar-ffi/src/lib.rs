@@ -81,17 +81,13 @@ pub fn set_mock_group_consumer_timing<C: ClientContext>(
     session_timeout_ms: i32,
     heartbeat_interval_ms: i32,
 ) -> bool {
-    // SAFETY: `client` is live for the call; librdkafka returns the mock cluster it owns
-    // (freed only with the client) or NULL. The setters take the cluster's own lock.
-    unsafe {
-        let mc = rd::rd_kafka_handle_mock_cluster(client.native_ptr());
-        if mc.is_null() {
-            return false;
+    with_mock_cluster(client, |mc| {
+        // SAFETY: `mc` is the live mock cluster; the setters take the cluster's own lock.
+        unsafe {
+            rd::rd_kafka_mock_set_group_consumer_session_timeout_ms(mc, session_timeout_ms);
+            rd::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(mc, heartbeat_interval_ms);
         }
-        rd::rd_kafka_mock_set_group_consumer_session_timeout_ms(mc, session_timeout_ms);
-        rd::rd_kafka_mock_set_group_consumer_heartbeat_interval_ms(mc, heartbeat_interval_ms);
-    }
-    true
+    })
 }
 
 /// Sets how long (ms) the classic-protocol group coordinator of the mock cluster that
@@ -103,13 +99,23 @@ pub fn set_mock_group_initial_rebalance_delay<C: ClientContext>(
     client: &Client<C>,
     delay_ms: i32,
 ) -> bool {
-    // SAFETY: as in `set_mock_group_consumer_timing`.
-    unsafe {
-        let mc = rd::rd_kafka_handle_mock_cluster(client.native_ptr());
-        if mc.is_null() {
-            return false;
-        }
-        rd::rd_kafka_mock_group_initial_rebalance_delay_ms(mc, delay_ms);
+    with_mock_cluster(client, |mc| {
+        // SAFETY: `mc` is the live mock cluster; the setter takes the cluster's own lock.
+        unsafe { rd::rd_kafka_mock_group_initial_rebalance_delay_ms(mc, delay_ms) }
+    })
+}
+
+/// Runs `set` on the mock cluster `client` hosts; `false` when it hosts none.
+fn with_mock_cluster<C: ClientContext>(
+    client: &Client<C>,
+    set: impl FnOnce(*mut rd::rd_kafka_mock_cluster_t),
+) -> bool {
+    // SAFETY: `client` is live for the call; librdkafka returns the mock cluster it owns
+    // (freed only with the client, which outlives `set`) or NULL.
+    let mc = unsafe { rd::rd_kafka_handle_mock_cluster(client.native_ptr()) };
+    if mc.is_null() {
+        return false;
     }
+    set(mc);
     true
 }
