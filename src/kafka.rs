@@ -13,7 +13,7 @@ use rdkafka::TopicPartitionList;
 use std::time::Duration;
 
 use crate::config::{Config, GroupProtocol};
-use crate::protocol::{self, HeaderRef, RecordRef};
+use crate::protocol::{self, RecordRef};
 
 /// Properties every client gets: brokers, then the user's `kafka.*` table.
 pub fn base_config(cfg: &Config) -> ClientConfig {
@@ -164,7 +164,7 @@ pub fn append_record(
 /// whose header name is not, which would turn one bad record into a crash loop; this
 /// reads librdkafka's C API without that assumption (in the `txn-sidecar-ffi` crate,
 /// which holds the project's only unsafe code).
-fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<HeaderRef<'a>> {
+fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> txn_sidecar_ffi::RawHeaders<'a> {
     txn_sidecar_ffi::raw_headers(msg)
 }
 

@@ -325,8 +325,11 @@ impl Records {
             + rec.data.len();
         let (len, cap) = (self.buf.len(), self.buf.capacity());
         if len + extra > cap {
-            // Exact growth by at least an eighth: amortised linear copying, small slack.
-            let target = (len + extra).max(cap + cap / 8);
+            // Growth by at least an eighth (amortised linear copying, small slack) and by
+            // room for two more records of this size: a transaction of a few records
+            // would otherwise reallocate on every push, which was a twelfth of the
+            // consumer thread's instructions per record (docs/benchmarks-history.md).
+            let target = (len + 3 * extra).max(cap + cap / 8);
             self.buf.reserve_exact(target - len);
         }
         put_varint(&mut self.buf, zigzag(rec.offset));

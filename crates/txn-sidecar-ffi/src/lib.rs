@@ -23,7 +23,17 @@ use rdkafka::ClientContext;
 /// a null value (distinct from an empty one).
 pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
 
+/// How many headers [`RawHeaders`] holds without a heap allocation: the marker protocol
+/// uses two, and most producers add at most a couple more.
+pub const INLINE_HEADERS: usize = 4;
+
+/// A message's headers as [`raw_headers`] returns them.
+pub type RawHeaders<'a> = smallvec::SmallVec<[RawHeader<'a>; INLINE_HEADERS]>;
+
 /// The headers of `msg`, in record order (duplicates kept), borrowed from the message.
+///
+/// Up to [`INLINE_HEADERS`] headers are held inline: the common record costs no heap
+/// allocation here (this runs once per consumed record).
 ///
 /// Empty when the record has none or librdkafka cannot parse them (it then reports the
 /// same error for every read, so there is nothing partial to return).
@@ -35,8 +45,8 @@ pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
 /// like rust-rdkafka's own `headers()`, this must not run on one message from two threads
 /// at once (the sidecar reads each message on the one thread that polled it).
 #[inline]
-pub fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<RawHeader<'a>> {
-    let mut out = Vec::new();
+pub fn raw_headers<'a>(msg: &'a BorrowedMessage<'_>) -> RawHeaders<'a> {
+    let mut out = RawHeaders::new();
     let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
     // SAFETY: `msg.ptr()` is a live message owned by the consumer for the borrow's
     // lifetime; librdkafka returns a headers pointer owned by that message (not to be
