@@ -48,7 +48,7 @@ _SIZE_SCALE = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 
 _QUANTITY = re.compile(r"([0-9]+)(Ki|Mi|Gi|k|M|G)?")
 _QUANTITY_SCALE = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
 
-# Product defaults (src/config.rs) that bound the sidecar's memory.
+# Product defaults (src/config/build.rs) that bound the sidecar's memory.
 DEFAULT_MAX_STAGED_BYTES = 512 * 2**20
 MAX_TXN_BYTES = 64 * 2**20
 # librdkafka's queued.max.messages.kbytes default: the consumer's prefetch.
