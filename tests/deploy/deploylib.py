@@ -48,11 +48,15 @@ _SIZE_SCALE = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 
 _QUANTITY = re.compile(r"([0-9]+)(Ki|Mi|Gi|k|M|G)?")
 _QUANTITY_SCALE = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
 
-# Product defaults (src/config/build.rs) that bound the sidecar's memory.
-DEFAULT_MAX_STAGED_BYTES = 512 * 2**20
-MAX_TXN_BYTES = 64 * 2**20
-# librdkafka's queued.max.messages.kbytes default: the consumer's prefetch.
-LIBRDKAFKA_PREFETCH_BYTES = 64 * 2**20
+# Product defaults (src/config/build.rs) that bound the sidecar's memory, and the
+# README's sizing table ("The memory budget").
+DEFAULT_MAX_STAGED_BYTES = 192 * 2**20
+DEFAULT_MAX_TXN_BYTES = 16 * 2**20
+# queued.max.messages.kbytes (32768) and fetch.max.bytes (16 MiB) as the sidecar sets them.
+LIBRDKAFKA_PREFETCH_BYTES = 32 * 2**20 + 16 * 2**20
+ALLOCATOR_OVERHEAD = 1.1
+BODY_PER_TXN_BYTE = 1.4
+PROCESS_BYTES = 15 * 2**20
 
 
 def size_bytes(text: str | int) -> int:
@@ -348,8 +352,11 @@ def check_sidecar_pod(
     # The staged-bytes budget must fit in the memory limit with room for
     # librdkafka's prefetch and the transaction in delivery, or the kernel
     # kills the sidecar before back-pressure pauses partitions.
-    staged = size_bytes(config.get("limits", {}).get("max_staged_bytes", DEFAULT_MAX_STAGED_BYTES))
-    need = staged + LIBRDKAFKA_PREFETCH_BYTES + MAX_TXN_BYTES
+    limits = config.get("limits", {})
+    staged = size_bytes(limits.get("max_staged_bytes", DEFAULT_MAX_STAGED_BYTES))
+    txn = size_bytes(limits.get("max_txn_bytes", DEFAULT_MAX_TXN_BYTES))
+    # At least one transaction's request body in flight.
+    need = int(staged * ALLOCATOR_OVERHEAD + LIBRDKAFKA_PREFETCH_BYTES + txn * BODY_PER_TXN_BYTE + PROCESS_BYTES)
     limit = quantity_bytes(res["limits"]["memory"])
     assert limit > need, f"memory limit {res['limits']['memory']} <= staged budget {staged} + {need - staged}"
     assert spec.get("automountServiceAccountToken") is False

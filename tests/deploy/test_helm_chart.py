@@ -360,18 +360,24 @@ def test_schema_rejects_bad_values(chart, values_file: Path) -> None:
     assert where == {expected}, [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
 
 
-def test_product_default_staged_budget_does_not_fit_the_default_memory_limit(chart) -> None:
-    # Why the chart sets maxStagedBytes: with the product default (512 MiB)
-    # the sidecar's 512Mi limit leaves nothing for librdkafka and delivery.
+def test_a_staged_budget_the_memory_limit_cannot_hold_is_refused(chart) -> None:
+    # The README's sizing: 1.1 x the budget + 48 MiB of librdkafka buffers + 1.4 x
+    # max_txn_bytes + the process must fit the sidecar's memory limit.
     values = _values(CHART / "ci" / "defaults-values.yaml")
+    # The product default (192 MiB, 16 MiB transactions) fits the chart's 512Mi.
     values["sidecar"]["config"]["maxStagedBytes"] = ""
+    docs = _render(chart, values)
+    config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
+    assert "limits" not in config
+    # 420 MiB x 1.1 + 48 + 22.4 + 15 MiB is over 512 MiB.
+    values["sidecar"]["config"]["maxStagedBytes"] = "420MiB"
     docs = _render(chart, values)
     with pytest.raises(AssertionError, match="memory limit 512Mi"):
         check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
     values["sidecar"]["resources"] = {"requests": {"cpu": "50m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
     docs = _render(chart, values)
     config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
-    assert "limits" not in config
+    assert config["limits"]["max_staged_bytes"] == "420MiB"
 
 
 def test_secret_references_pass_through_verbatim(chart) -> None:
