@@ -8,7 +8,7 @@
 #   scripts/bench.sh --quick         # 1 smaller repetition, a smoke run (~2 minutes)
 #   scripts/bench.sh --reps 5 --only staging,delivery
 #
-# Options: --reps N, --quick, --only staging,delivery,latency,memory,rebalance,
+# Options: --reps N, --quick, --only staging,staging-key-prefix,delivery,latency,memory,rebalance,
 #   --sidecar-bin PATH (another build to measure), --kafka k=v,k=v (extra librdkafka
 #   properties for every consumer, sidecar and bare alike), --latency-max-rate N,
 #   --out DIR (default target/bench: results.json, table.md, logs/),

@@ -430,6 +430,24 @@ impl Producer {
         }
     }
 
+    /// One record of the key-prefix protocol: key `<kind>-<id>`, no headers.
+    fn send_key_prefix(&self, topic: &str, partition: i32, key: &str, value: &[u8]) {
+        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(value);
+        loop {
+            match self.0.send(rec) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+
     /// `tasks` tasks then the `end` marker (`commit`, `abort`; `None` leaves it open).
     fn txn(
         &self,
@@ -472,6 +490,7 @@ fn driver(args: &[String]) -> Result<()> {
     let mut topics = vec![
         "warmup:1".to_string(),
         format!("stage:{}", o.stage_parts),
+        format!("stagekp:{}", o.stage_parts),
         format!("deliver:{}", o.deliver_parts),
     ];
     for r in 0..o.reps {
@@ -541,6 +560,17 @@ fn driver(args: &[String]) -> Result<()> {
             }
         }
     }
+    if want("staging-key-prefix") {
+        // The same transactions in the key-prefix protocol: key `task-<id>`, no headers.
+        for j in 0..o.stage_per_part / 10 {
+            for p in 0..o.stage_parts {
+                let (key, v) = (format!("task-s{p}-{j:07}"), task_value(now_us()));
+                for _ in 0..10 {
+                    bulk.send_key_prefix("stagekp", p, &key, &v);
+                }
+            }
+        }
+    }
     if want("delivery") {
         for j in 0..o.deliver_per_part {
             for p in 0..o.deliver_parts {
@@ -566,6 +596,11 @@ fn driver(args: &[String]) -> Result<()> {
             let v = staging(&ctx, r)?;
             eprintln!("bench: rep {r} staging {v}");
             rep.insert("staging".into(), v);
+        }
+        if want("staging-key-prefix") {
+            let v = staging_key_prefix(&ctx, r)?;
+            eprintln!("bench: rep {r} staging-key-prefix {v}");
+            rep.insert("staging_kp".into(), v);
         }
         if want("delivery") {
             let v = delivery(&ctx, r)?;
@@ -722,26 +757,26 @@ fn role_assigned(p: &mut Proc, timeout: Duration) -> Result<std::sync::mpsc::Rec
 // ---------------------------------------------------------------------------------------
 // 1. staging throughput and CPU: pre-produced open transactions, no HTTP at all
 
-fn staging(ctx: &Ctx, r: usize) -> Result<Value> {
-    let n = (ctx.o.stage_parts as usize * ctx.o.stage_per_part) as f64;
-    let run_bare = |mode: &str| -> Result<Value> {
-        let name = format!("bare-{mode}-{r}");
-        let mut b = ctx.role(
-            &name,
-            &bare_args(ctx, "stage", &name, mode, n as u64, TEST_GROUP),
-        )?;
-        role_result(&mut b, Duration::from_secs(120))
-    };
-    let run_sidecar = || -> Result<Value> {
-        let group = format!("sc-stage-{r}");
-        let s = ctx.sidecar(
-            &group,
-            "stage",
-            &group,
-            "d",
-            TEST_GROUP,
-            &[("limits.max_staged_bytes", "2GiB")],
-        )?;
+/// A bare consumer reading all `n` records of `topic` in `mode` (`count`, `count-headers`).
+fn stage_bare(ctx: &Ctx, topic: &str, mode: &str, n: u64, r: usize) -> Result<Value> {
+    let name = format!("bare-{topic}-{mode}-{r}");
+    let mut b = ctx.role(&name, &bare_args(ctx, topic, &name, mode, n, TEST_GROUP))?;
+    role_result(&mut b, Duration::from_secs(120))
+}
+
+/// A sidecar staging all `n` records of `topic` (no HTTP: no transaction commits).
+fn stage_sidecar(
+    ctx: &Ctx,
+    topic: &str,
+    settings: &[(&str, &str)],
+    n: f64,
+    r: usize,
+) -> Result<Value> {
+    {
+        let group = format!("sc-{topic}-{r}");
+        let mut all = vec![("limits.max_staged_bytes", "2GiB")];
+        all.extend_from_slice(settings);
+        let s = ctx.sidecar(&group, topic, &group, "d", TEST_GROUP, &all)?;
         let pid = s.proc.pid();
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first: Option<(Instant, f64, f64)> = None;
@@ -768,8 +803,14 @@ fn staging(ctx: &Ctx, r: usize) -> Result<Value> {
             "cpu_per_record_us": (last.2 - c0) / (last.1 - k0) * 1e6,
             "rss": rss, "hwm": hwm, "staged_bytes": staged,
         }))
-    };
-    // Alternate the order so drift (the other engineer's builds) does not favour one side.
+    }
+}
+
+fn staging(ctx: &Ctx, r: usize) -> Result<Value> {
+    let n = (ctx.o.stage_parts as usize * ctx.o.stage_per_part) as f64;
+    let run_bare = |mode: &str| stage_bare(ctx, "stage", mode, n as u64, r);
+    let run_sidecar = || stage_sidecar(ctx, "stage", &[], n, r);
+    // Alternate the order so drift (builds, other load) does not favour one side.
     let (b, h, s) = if r.is_multiple_of(2) {
         let b = run_bare("count")?;
         let h = run_bare("count-headers")?;
@@ -786,6 +827,27 @@ fn staging(ctx: &Ctx, r: usize) -> Result<Value> {
         "ratio_vs_headers": s["rate"].as_f64().unwrap_or(f64::NAN) / h["rate"].as_f64().unwrap_or(f64::NAN),
         "sidecar_rate": s["rate"], "sidecar_cpu_per_record_us": s["cpu_per_record_us"],
         "sidecar_hwm": s["hwm"], "sidecar_rss_after": s["rss"], "sidecar_staged_bytes": s["staged_bytes"],
+        "ratio": s["rate"].as_f64().unwrap_or(f64::NAN) / b["rate"].as_f64().unwrap_or(f64::NAN),
+    }))
+}
+
+/// Staging in the key-prefix protocol: the same transactions keyed `task-<id>` without
+/// headers, against a bare consumer that polls them (the protocol needs nothing more).
+fn staging_key_prefix(ctx: &Ctx, r: usize) -> Result<Value> {
+    let n = (ctx.o.stage_parts as usize * ctx.o.stage_per_part) as f64;
+    let run_bare = || stage_bare(ctx, "stagekp", "count", n as u64, r);
+    let run_sidecar = || stage_sidecar(ctx, "stagekp", &[("protocol", "key-prefix")], n, r);
+    let (b, s) = if r.is_multiple_of(2) {
+        let b = run_bare()?;
+        (b, run_sidecar()?)
+    } else {
+        let s = run_sidecar()?;
+        (run_bare()?, s)
+    };
+    Ok(json!({
+        "records": n,
+        "bare_rate": b["rate"], "bare_cpu_per_record_us": b["cpu_per_record_us"],
+        "sidecar_rate": s["rate"], "sidecar_cpu_per_record_us": s["cpu_per_record_us"],
         "ratio": s["rate"].as_f64().unwrap_or(f64::NAN) / b["rate"].as_f64().unwrap_or(f64::NAN),
     }))
 }
@@ -1433,6 +1495,21 @@ fn table(reps: &[Value], o: &Opts) -> String {
             "| ↳ same data, bare consumer that also reads each record's headers (librdkafka's cost floor of the header protocol) | | {} | {}× | | |\n",
             fmt(&col(reps, "staging", "bare_headers_rate"), 1e-3, 0) + "k",
             fmt(&col(reps, "staging", "ratio_vs_headers"), 1.0, 2),
+        ));
+    }
+    if has("staging_kp") {
+        let ratio = col(reps, "staging_kp", "ratio");
+        t.push_str(&format!(
+            "| Staging throughput, key-prefix protocol, records/s (same shape, key `task-<id>`, no headers) | {} | bare BaseConsumer: {} | {}× | ≥ 0.9× | {} |\n",
+            fmt(&col(reps, "staging_kp", "sidecar_rate"), 1e-3, 0) + "k",
+            fmt(&col(reps, "staging_kp", "bare_rate"), 1e-3, 0) + "k",
+            fmt(&ratio, 1.0, 2),
+            judge(median(&ratio), median(&ratio) >= 0.9)
+        ));
+        t.push_str(&format!(
+            "| ↳ CPU per record, µs: sidecar · bare consumer | {} · {} | | | | |\n",
+            fmt(&col(reps, "staging_kp", "sidecar_cpu_per_record_us"), 1.0, 2),
+            fmt(&col(reps, "staging_kp", "bare_cpu_per_record_us"), 1.0, 2),
         ));
     }
     if has("delivery") {
