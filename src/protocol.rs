@@ -329,7 +329,7 @@ impl Records {
             // room for two more records of this size: a transaction of a few records
             // would otherwise reallocate on every push, which was a twelfth of the
             // consumer thread's instructions per record (docs/benchmarks-history.md).
-            let target = (len + 3 * extra).max(cap + cap / 8);
+            let target = (len + 2 * extra).max(cap + cap / 8);
             self.buf.reserve_exact(target - len);
         }
         put_varint(&mut self.buf, zigzag(rec.offset));

@@ -1508,7 +1508,11 @@ fn table(reps: &[Value], o: &Opts) -> String {
         ));
         t.push_str(&format!(
             "| ↳ CPU per record, µs: sidecar · bare consumer | {} · {} | | | | |\n",
-            fmt(&col(reps, "staging_kp", "sidecar_cpu_per_record_us"), 1.0, 2),
+            fmt(
+                &col(reps, "staging_kp", "sidecar_cpu_per_record_us"),
+                1.0,
+                2
+            ),
             fmt(&col(reps, "staging_kp", "bare_cpu_per_record_us"), 1.0, 2),
         ));
     }

@@ -326,6 +326,11 @@ impl Deliverer {
                 }
                 Err(e) => e,
             };
+            // The app answered or took the connection: a later absence is a new one, so
+            // its wait starts again from the initial backoff (not from where the last
+            // absence left it) and is logged again.
+            app_wait = self.backoff(app_wait_max);
+            waited_for_app = false;
             attempts += 1;
             let retryable = err.is_retryable();
             let result = if retryable { "retryable" } else { "permanent" };
@@ -643,6 +648,88 @@ mod tests {
         assert_eq!(m.app_up.get(), 1);
         assert_eq!(d.app().status().state, AppState::Up);
         assert!(d.app().status().down.is_none());
+    }
+
+    /// Takes one connection on `listener`, answers its one request with `answer`
+    /// (which must close the connection) and drops the listener.
+    async fn answer_once_then_close(listener: tokio::net::TcpListener, answer: &'static str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request never came whole");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                break;
+            }
+        }
+        sock.write_all(answer.as_bytes()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_absence_of_the_app_waits_from_the_initial_backoff_again() {
+        let addr = closed_port();
+        let d = deliverer(
+            &format!("http://{addr}/"),
+            &[
+                ("retry.initial_backoff", "20ms"),
+                ("retry.max_backoff", "1s"),
+                ("retry.max_attempts", "10"),
+            ],
+        );
+        let m = d.metrics.clone();
+        let task = tokio::spawn({
+            let d = d.clone();
+            async move {
+                d.deliver_until(
+                    &ready_txn(),
+                    &CancellationToken::new(),
+                    &CancellationToken::new(),
+                )
+                .await
+            }
+        });
+        // A long absence: the waits between connects grow to the 1 s cap.
+        wait_for("the waits to reach their cap", || {
+            m.app_connect_failures.get() >= 8
+        })
+        .await;
+        // The app is back for one answer (503, connection closed), then gone again.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        answer_once_then_close(
+            listener,
+            "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+        let (failures, t) = (m.app_connect_failures.get(), Instant::now());
+        // Waits of 20, 40, 80, 160 ms (each up to twice that with jitter): at least three
+        // connects in 700 ms. Waits that stayed at the cap would allow at most one.
+        tokio::time::sleep(MS(700)).await;
+        let again = m.app_connect_failures.get() - failures;
+        assert!(
+            again >= 3,
+            "{again} connects in {:?} after the app left again",
+            t.elapsed()
+        );
+        let app = raw_app_on(addr, |_, _| OK).await;
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(r, Delivered::Ok { attempts: 2 }), "{r:?}");
+        assert_eq!(app.heads.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
