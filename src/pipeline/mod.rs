@@ -10,14 +10,14 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`poll`] | the poll loop on the consumer thread, and shutdown draining |
-//! | [`readers`] | reader threads: partition queues to machines, in offset order |
-//! | [`rebalance`] | librdkafka's callbacks: assign (start clean from the committed offset), revoke (stop, commit, drop) |
-//! | [`commits`] | offset commits of each machine's commit point |
-//! | [`back_pressure`] | pausing partitions whose queue or the staged-bytes budget is full |
-//! | [`workers`] | per-partition delivery worker and dead-letter lane (async) |
-//! | [`report`] | the one place where machine events are logged and counted |
-//! | [`view`] | the admin snapshot and operator commands |
+//! | `poll` | the poll loop on the consumer thread, and shutdown draining |
+//! | `readers` | reader threads: partition queues to machines, in offset order |
+//! | `rebalance` | librdkafka's callbacks: assign (start clean from the committed offset), revoke (stop, commit, drop) |
+//! | `commits` | offset commits of each machine's commit point |
+//! | `back_pressure` | pausing partitions whose queue or the staged-bytes budget is full |
+//! | `workers` | per-partition delivery worker and dead-letter lane (async) |
+//! | `report` | the one place where machine events are logged and counted |
+//! | `view` | the admin snapshot and operator commands |
 
 mod back_pressure;
 mod commits;
