@@ -1500,7 +1500,7 @@ fn table(reps: &[Value], o: &Opts) -> String {
     if has("staging_kp") {
         let ratio = col(reps, "staging_kp", "ratio");
         t.push_str(&format!(
-            "| Staging throughput, key-prefix protocol, records/s (same shape, key `task-<id>`, no headers) | {} | bare BaseConsumer: {} | {}× | ≥ 0.9× | {} |\n",
+            "| Staging throughput, key-prefix protocol, records/s (same transactions and values, key `task-<id>`, no headers) | {} | bare BaseConsumer: {} | {}× | ≥ 0.9× | {} |\n",
             fmt(&col(reps, "staging_kp", "sidecar_rate"), 1e-3, 0) + "k",
             fmt(&col(reps, "staging_kp", "bare_rate"), 1e-3, 0) + "k",
             fmt(&ratio, 1.0, 2),

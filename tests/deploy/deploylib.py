@@ -52,11 +52,30 @@ _QUANTITY_SCALE = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "
 # README's sizing table ("The memory budget").
 DEFAULT_MAX_STAGED_BYTES = 192 * 2**20
 DEFAULT_MAX_TXN_BYTES = 16 * 2**20
-# queued.max.messages.kbytes (32768) and fetch.max.bytes (16 MiB) as the sidecar sets them.
-LIBRDKAFKA_PREFETCH_BYTES = 32 * 2**20 + 16 * 2**20
+# queued.max.messages.kbytes (32768) and fetch.max.bytes (16 MiB) as the sidecar sets
+# them unless [kafka] gives them.
+DEFAULT_QUEUED_MAX_KBYTES = 32768
+DEFAULT_FETCH_MAX_BYTES = 16 * 2**20
 ALLOCATOR_OVERHEAD = 1.1
+# The up to 64 records the poll loop reads between two budget checks, of up to 100 KB.
+POLL_SLACK_BYTES = 64 * 100 * 10**3
 BODY_PER_TXN_BYTE = 1.4
+# The README sizes the defaults for up to 8 partitions per member, one delivery each.
+PARTITIONS_PER_MEMBER = 8
 PROCESS_BYTES = 15 * 2**20
+
+
+def memory_need(config: dict[str, Any], env: dict[str, Any]) -> int:
+    """Bytes the README's sizing ("The memory budget") asks of the sidecar's memory limit."""
+    limits = config.get("limits", {})
+    staged_env = env.get("TXN_SIDECAR_LIMITS_MAX_STAGED_BYTES", {}).get("value")
+    staged = size_bytes(staged_env or limits.get("max_staged_bytes", DEFAULT_MAX_STAGED_BYTES))
+    txn = size_bytes(limits.get("max_txn_bytes", DEFAULT_MAX_TXN_BYTES))
+    kafka = config.get("kafka", {})
+    prefetch = int(kafka.get("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES)) * 2**10
+    fetch = int(kafka.get("fetch.max.bytes", DEFAULT_FETCH_MAX_BYTES))
+    bodies = PARTITIONS_PER_MEMBER * BODY_PER_TXN_BYTE * txn
+    return int(staged * ALLOCATOR_OVERHEAD + POLL_SLACK_BYTES + prefetch + fetch + bodies + PROCESS_BYTES)
 
 
 def size_bytes(text: str | int) -> int:
@@ -352,13 +371,9 @@ def check_sidecar_pod(
     # The staged-bytes budget must fit in the memory limit with room for
     # librdkafka's prefetch and the transaction in delivery, or the kernel
     # kills the sidecar before back-pressure pauses partitions.
-    limits = config.get("limits", {})
-    staged = size_bytes(limits.get("max_staged_bytes", DEFAULT_MAX_STAGED_BYTES))
-    txn = size_bytes(limits.get("max_txn_bytes", DEFAULT_MAX_TXN_BYTES))
-    # At least one transaction's request body in flight.
-    need = int(staged * ALLOCATOR_OVERHEAD + LIBRDKAFKA_PREFETCH_BYTES + txn * BODY_PER_TXN_BYTE + PROCESS_BYTES)
+    need = memory_need(config, env)
     limit = quantity_bytes(res["limits"]["memory"])
-    assert limit > need, f"memory limit {res['limits']['memory']} <= staged budget {staged} + {need - staged}"
+    assert limit > need, f"memory limit {res['limits']['memory']} < {need / 2**20:.0f} MiB that the README's sizing asks"
     assert spec.get("automountServiceAccountToken") is False
     # No service-link variables (TXN_SIDECAR_KAFKA_SERVICE_HOST for a Service named
     # txn-sidecar-kafka, ...): the sidecar ignores them, and nothing should need them.

@@ -369,15 +369,24 @@ def test_a_staged_budget_the_memory_limit_cannot_hold_is_refused(chart) -> None:
     docs = _render(chart, values)
     config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
     assert "limits" not in config
-    # 420 MiB x 1.1 + 48 + 22.4 + 15 MiB is over 512 MiB.
-    values["sidecar"]["config"]["maxStagedBytes"] = "420MiB"
+    # 300 MiB x 1.1 + 6.4 + 48 + 8 x 1.4 x 16 + 15 MiB is over 512 MiB.
+    values["sidecar"]["config"]["maxStagedBytes"] = "300MiB"
     docs = _render(chart, values)
     with pytest.raises(AssertionError, match="memory limit 512Mi"):
         check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
     values["sidecar"]["resources"] = {"requests": {"cpu": "50m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
     docs = _render(chart, values)
     config = check_sidecar_pod(one(docs, "Deployment"), by_kind(docs, "ConfigMap"), native=True)
-    assert config["limits"]["max_staged_bytes"] == "420MiB"
+    assert config["limits"]["max_staged_bytes"] == "300MiB"
+    # Raising librdkafka's prefetch queue, or the budget through the environment, counts too.
+    values["sidecar"]["config"]["maxStagedBytes"] = ""
+    values["sidecar"]["config"]["kafka"] = {"queued.max.messages.kbytes": "1048576"}
+    with pytest.raises(AssertionError, match="memory limit 1Gi"):
+        check_sidecar_pod(one(_render(chart, values), "Deployment"), by_kind(_render(chart, values), "ConfigMap"), native=True)
+    values["sidecar"]["config"]["kafka"] = {}
+    values["sidecar"]["extraEnv"] = [{"name": "TXN_SIDECAR_LIMITS_MAX_STAGED_BYTES", "value": "2GiB"}]
+    with pytest.raises(AssertionError, match="memory limit 1Gi"):
+        check_sidecar_pod(one(_render(chart, values), "Deployment"), by_kind(_render(chart, values), "ConfigMap"), native=True)
 
 
 def test_secret_references_pass_through_verbatim(chart) -> None:
