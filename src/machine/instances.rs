@@ -73,6 +73,10 @@ impl PartitionMachine {
     }
 
     pub(super) fn stage(&mut self, id: &str, rec: RecordRef<'_>, out: &mut Vec<Action>) {
+        // Nothing in a build without the `failpoints` feature; tests/panics.rs panics
+        // here, after the record was counted as consumed and before it is staged.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("machine::stage");
         let offset = rec.offset;
         let suspect = match &self.gap {
             Some(g) => !g.cleared.contains(id),

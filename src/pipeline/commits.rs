@@ -21,6 +21,10 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         tps: &[(Arc<str>, i32)],
     ) -> KafkaResult<()> {
+        if self.tainted {
+            warn!("offset commit skipped: a thread panicked while it held the partitions' state");
+            return Ok(());
+        }
         let mut tpl = TopicPartitionList::new();
         let mut points = Vec::new();
         let metrics = self.metrics.clone();
@@ -73,6 +77,9 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         refresh: bool,
     ) {
+        if self.tainted {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
         let metrics = self.metrics.clone();
         for p in self.all_parts_mut() {

@@ -37,7 +37,7 @@ use hashbrown::HashMap;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, error};
 
 use crate::admin::{AdminCommand, Snapshot};
 use crate::config::Config;
@@ -80,7 +80,18 @@ impl Drop for Held<'_> {
 
 /// Locks the engine (a panic elsewhere does not poison it for the rest).
 pub(crate) fn lock(engine: &Mutex<Engine>) -> Held<'_> {
-    let g = engine.lock().unwrap_or_else(|p| p.into_inner());
+    let g = engine.lock().unwrap_or_else(|poisoned| {
+        // A thread panicked while it held the engine: a machine may be half-way through a
+        // record (consumed, not yet staged), and a commit point taken from it could pass
+        // a task that was never staged. Nothing is committed from here on; the process
+        // stops and the next owner replays from the last commit.
+        let mut g = poisoned.into_inner();
+        if !g.tainted {
+            g.tainted = true;
+            error!("a thread panicked while it held the partitions' state; no offset is committed from here on, the next owner replays from the last commit");
+        }
+        g
+    });
     HELD.with(|h| h.set(h.get() + 1));
     Held(g)
 }
@@ -179,6 +190,8 @@ pub struct Engine {
     metadata_dropped: bool,
     /// A commit was read back with its metadata: the broker keeps it.
     metadata_kept: bool,
+    /// A thread panicked while holding the engine (see [`lock`]): commits are off.
+    tainted: bool,
 }
 
 impl Engine {
@@ -221,6 +234,7 @@ impl Engine {
             shutting_down: false,
             metadata_dropped: false,
             metadata_kept: false,
+            tainted: false,
         }
     }
 
