@@ -116,6 +116,10 @@ pub enum PipelineError {
     /// librdkafka reported a fatal error (e.g. fenced by a static member).
     #[error("fatal kafka error: {0}")]
     Fatal(String),
+    /// A thread of the sidecar panicked (a bug): it stopped, committing nothing from
+    /// state the panic may have left half-updated; the next start replays.
+    #[error("the {0} thread panicked; no offset was committed after it")]
+    Panicked(&'static str),
 }
 
 /// How often unchanged commit points are sent again.

@@ -196,51 +196,18 @@ pub fn consume(
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     info!(topics = ?cfg.topics, group = %cfg.group, brokers = %cfg.brokers, readers, "consuming");
-    let mut result = Ok(());
-    let mut last_error: Option<Instant> = None;
-    let mut burst = 0u32;
-    let mut timeout = Duration::from_millis(50);
-    // Every record is encoded here first; staging copies it on (see `kafka::record_ref`).
-    let mut scratch = Vec::new();
-    while !shutdown.is_cancelled() {
-        match consumer.poll(timeout) {
-            Some(Ok(msg)) => {
-                let rec = kafka::record_ref(&msg, &mut scratch);
-                lock(&engine).on_record(msg.topic(), msg.partition(), rec);
-                burst += 1;
-                // Under load, periodic work runs every few dozen records, not per record.
-                if burst < 64 {
-                    continue;
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                lock(&engine).on_end_of_log(partition);
-            }
-            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                error!(error = %code, "fatal consumer error");
-                result = Err(PipelineError::Fatal(code.to_string()));
-                break;
-            }
-            // Broker outages surface here; librdkafka reconnects by itself.
-            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
-                warn!(error = %e, "consumer error (librdkafka retries)");
-                last_error = Some(Instant::now());
-            }
-            Some(Err(_)) => {}
-            None => {}
-        }
-        burst = 0;
-        if consumer.context().readers_failed() {
-            error!(
-                "a reader thread died; stopping so the partitions are read again after a restart"
-            );
-            result = Err(PipelineError::Fatal("a reader thread panicked".into()));
-            break;
-        }
-        let mut e = lock(&engine);
-        e.tick(&consumer);
-        timeout = e.poll_timeout();
-    }
+    // The loop runs under `catch_unwind` so that a panic (a bug) still takes the drain
+    // below: in-flight deliveries finish, nothing is committed (the panic may have left
+    // a machine half-updated, see `lock`), and leaving the group keeps its deadline.
+    // Unwinding out of this function would drop the consumer instead, whose close
+    // waits on the brokers without a bound and commits on revoke.
+    let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        poll_loop(&consumer, &engine, &shutdown)
+    }));
+    let result = looped.unwrap_or_else(|_| {
+        error!("the consumer thread panicked; stopping without committing");
+        Err(PipelineError::Panicked("consumer"))
+    });
     // A fatal error drains too: `/readyz` answers 503 (`shutting_down`) from here on,
     // as it does after SIGTERM.
     shutdown.cancel();
@@ -288,6 +255,60 @@ pub fn consume(
         .max(CLOSE_MIN);
     if closer.is_ok() && done_rx.recv_timeout(close_deadline).is_err() {
         warn!(deadline_ms = close_deadline.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+    }
+    result
+}
+
+/// Polls and applies records, ticks the engine, until shutdown or an error.
+fn poll_loop(
+    consumer: &Arc<BaseConsumer<SidecarContext>>,
+    engine: &Arc<Mutex<Engine>>,
+    shutdown: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut result = Ok(());
+    let mut last_error: Option<Instant> = None;
+    let mut burst = 0u32;
+    let mut timeout = Duration::from_millis(50);
+    // Every record is encoded here first; staging copies it on (see `kafka::record_ref`).
+    let mut scratch = Vec::new();
+    while !shutdown.is_cancelled() {
+        match consumer.poll(timeout) {
+            Some(Ok(msg)) => {
+                let rec = kafka::record_ref(&msg, &mut scratch);
+                lock(engine).on_record(msg.topic(), msg.partition(), rec);
+                burst += 1;
+                // Under load, periodic work runs every few dozen records, not per record.
+                if burst < 64 {
+                    continue;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                lock(engine).on_end_of_log(partition);
+            }
+            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                error!(error = %code, "fatal consumer error");
+                result = Err(PipelineError::Fatal(code.to_string()));
+                break;
+            }
+            // Broker outages surface here; librdkafka reconnects by itself.
+            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) => {
+                warn!(error = %e, "consumer error (librdkafka retries)");
+                last_error = Some(Instant::now());
+            }
+            Some(Err(_)) => {}
+            None => {}
+        }
+        burst = 0;
+        if consumer.context().readers_failed() {
+            error!(
+                "a reader thread died; stopping so the partitions are read again after a restart"
+            );
+            result = Err(PipelineError::Panicked("reader"));
+            break;
+        }
+        let mut e = lock(engine);
+        e.tick(consumer);
+        timeout = e.poll_timeout();
     }
     result
 }
