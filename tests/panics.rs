@@ -25,13 +25,60 @@ fn produce(kafka: &Kafka) {
     kafka.flush();
 }
 
-/// One test, both read paths in turn: fail points are global to the process.
+/// Fail points are global to the process, and every sidecar in it stages: one test at
+/// a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Both read paths in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_staging_commits_nothing_after_it_and_a_restart_delivers_every_transaction_whole(
 ) {
+    let _serial = SERIAL.lock().await;
     for readers in ["0", "2"] {
         panic_then_restart(readers).await;
     }
+}
+
+/// A delivery worker (a tokio task) that panics stops the sidecar with an error at once,
+/// rather than leaving its partition stalled and the sidecar ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_worker_that_panics_stops_the_sidecar_and_a_restart_delivers_everything() {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+    let app = RecordingApp::start().await;
+    let cfg = || config(&kafka.brokers, T, &app.url(), &[("shutdown_grace", "6s")]);
+    produce(&kafka);
+    fail::cfg("worker::deliver", "1*panic").unwrap();
+    let started = std::time::Instant::now();
+    let first = txn_sidecar::start(cfg()).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), first.wait())
+        .await
+        .expect("the sidecar did not stop after the worker panicked");
+    fail::cfg("worker::deliver", "off").unwrap();
+    let err = ended.expect_err("stopped without an error");
+    assert!(
+        err.to_string().contains("delivery worker panicked"),
+        "{err}"
+    );
+    // Not by waiting out the 6 s grace for a worker that will never report.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(app.accepted().is_empty());
+    let (committed, _) = kafka.committed("test-group", T, 0);
+    assert!(
+        committed.is_none_or(|o| o == 0),
+        "committed {committed:?} past t00, which was never delivered"
+    );
+    let second = txn_sidecar::start(cfg()).await.unwrap();
+    let got = app.wait_accepted(TXNS, Duration::from_secs(30)).await;
+    second.shutdown();
+    second.wait().await.unwrap();
+    let ids: Vec<String> = got.iter().map(|g| g.id().to_string()).collect();
+    let want: Vec<String> = (0..TXNS).map(|i| format!("t{i:02}")).collect();
+    assert_eq!(ids, want);
 }
 
 async fn panic_then_restart(readers: &str) {
@@ -55,9 +102,11 @@ async fn panic_then_restart(readers: &str) {
         .await
         .unwrap_or_else(|_| panic!("readers={readers}: the sidecar did not stop after the panic"));
     let err = ended.expect_err("stopped without an error");
-    // Both paths report the panic (not a lost thread or a Kafka error) after their drain.
+    // Each path reports its panic (not a lost thread or a Kafka error) after its drain.
+    let thread = if readers == "0" { "consumer" } else { "reader" };
     assert!(
-        err.to_string().contains("thread panicked"),
+        err.to_string()
+            .contains(&format!("the {thread} thread panicked")),
         "readers={readers}: {err}"
     );
     fail::cfg("machine::stage", "off").unwrap();

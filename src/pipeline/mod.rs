@@ -116,9 +116,10 @@ pub enum PipelineError {
     /// librdkafka reported a fatal error (e.g. fenced by a static member).
     #[error("fatal kafka error: {0}")]
     Fatal(String),
-    /// A thread of the sidecar panicked (a bug): it stopped, committing nothing from
-    /// state the panic may have left half-updated; the next start replays.
-    #[error("the {0} thread panicked; no offset was committed after it")]
+    /// A thread or task of the sidecar panicked (a bug): it stopped, committing nothing
+    /// from state the panic may have left half-updated; the next start replays from the
+    /// last commit.
+    #[error("the {0} panicked")]
     Panicked(&'static str),
 }
 
@@ -196,6 +197,8 @@ pub struct Engine {
     metadata_kept: bool,
     /// A thread panicked while holding the engine (see [`lock`]): commits are off.
     tainted: bool,
+    /// Set by a partition's worker that panicked (see `workers::supervised`).
+    workers_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
@@ -239,6 +242,7 @@ impl Engine {
             metadata_dropped: false,
             metadata_kept: false,
             tainted: false,
+            workers_failed: Default::default(),
         }
     }
 

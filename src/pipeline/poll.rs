@@ -206,7 +206,7 @@ pub fn consume(
     }));
     let result = looped.unwrap_or_else(|_| {
         error!("the consumer thread panicked; stopping without committing");
-        Err(PipelineError::Panicked("consumer"))
+        Err(PipelineError::Panicked("consumer thread"))
     });
     // A fatal error drains too: `/readyz` answers 503 (`shutting_down`) from here on,
     // as it does after SIGTERM.
@@ -303,11 +303,16 @@ fn poll_loop(
             error!(
                 "a reader thread died; stopping so the partitions are read again after a restart"
             );
-            result = Err(PipelineError::Panicked("reader"));
+            result = Err(PipelineError::Panicked("reader thread"));
             break;
         }
         let mut e = lock(engine);
         e.tick(consumer);
+        if e.workers_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            error!("a partition's worker died; stopping so its transactions are delivered after a restart");
+            result = Err(PipelineError::Panicked("delivery worker"));
+            break;
+        }
         timeout = e.poll_timeout();
     }
     result

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::readers::{Consumer, Owned, Readers};
-use super::workers::{DlqLane, Lane, Worker};
+use super::workers::{supervised, DlqLane, Lane, Worker};
 use super::{carry_out, lock, lock_unless_held, Engine, Held, Part, COMMIT_REFRESH};
 use crate::kafka;
 use crate::machine::{Assignment, PartitionMachine};
@@ -138,13 +138,18 @@ impl Engine {
                 max_backoff: self.cfg.retry.max_backoff,
             };
             let worker = Worker {
-                lane,
+                lane: lane.clone(),
                 rx,
                 deliverer: self.deliverer.clone(),
                 dlq: dlq_tx.clone(),
             };
-            self.tracker.spawn_on(worker.run(), &self.rt);
-            self.tracker.spawn_on(dlq_lane.run(), &self.rt);
+            let failed = &self.workers_failed;
+            self.tracker.spawn_on(
+                supervised(worker.run(), lane.clone(), failed.clone()),
+                &self.rt,
+            );
+            self.tracker
+                .spawn_on(supervised(dlq_lane.run(), lane, failed.clone()), &self.rt);
             info!(topic = %topic, partition, committed = offset.unwrap_or(-1), log_start = log_start.unwrap_or(-1), log_end = log_end.unwrap_or(-1), "partition assigned");
             let mut part = Part {
                 machine,

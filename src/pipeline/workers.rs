@@ -2,6 +2,8 @@
 //! in flight), one writes dead letters in order. Both report completions to the consumer
 //! thread, which hands them to the partition's state machine.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +73,30 @@ impl Lane {
     }
 }
 
+/// Runs a partition's worker (delivery or dead-letter lane) so that a panic in it (a bug)
+/// is not silent. tokio would catch it and drop the task: the partition's transactions
+/// would queue to a closed channel with their offset held, `/readyz` would stay ready,
+/// and every revoke and the drain would wait out their grace for a `Stopped` that never
+/// comes. Here the panic reports the lane stopped and sets `failed`, which the poll loop
+/// reads and stops on ([`super::PipelineError::Panicked`]). A worker shares no state with
+/// the machines, and what it had not finished stays held, so the final commit is safe.
+pub(crate) async fn supervised(
+    work: impl Future<Output = ()>,
+    lane: Lane,
+    failed: Arc<AtomicBool>,
+) {
+    use futures_util::FutureExt;
+    if std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        error!(topic = %lane.topic, partition = lane.partition, "a partition's worker panicked; stopping (what it had not finished stays held and is replayed)");
+        failed.store(true, Ordering::SeqCst);
+        lane.stopped();
+    }
+}
+
 /// Delivers one partition's committed transactions in marker order, one in flight.
 pub(crate) struct Worker {
     pub lane: Lane,
@@ -87,6 +113,9 @@ impl Worker {
                 _ = self.lane.stop.cancelled() => break,
                 w = self.rx.recv() => match w { Some(w) => w, None => break },
             };
+            // Nothing without the `failpoints` feature; tests/panics.rs panics here.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("worker::deliver");
             match self
                 .deliverer
                 .deliver_until(&txn, &self.lane.stop, &self.lane.cut)
