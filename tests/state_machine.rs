@@ -174,6 +174,9 @@ enum Op {
     DropMetadata,
     /// The driver reads a commit back and learns whether the broker keeps metadata.
     ReadBack,
+    /// librdkafka hands out again up to this many records the machine already consumed
+    /// (a pause saved the fetch position before a record the consumer had taken).
+    ReadAgain(usize),
 }
 
 struct Reference;
@@ -229,6 +232,7 @@ impl ReferenceStateMachine for Reference {
             1 => (0usize..4).prop_map(Op::Operator),
             1 => Just(Op::DropMetadata),
             2 => Just(Op::ReadBack),
+            1 => (1usize..4).prop_map(Op::ReadAgain),
         ]
         .boxed()
     }
@@ -324,6 +328,8 @@ fn instances(log: &[Rec]) -> Vec<Instance> {
 struct Harness {
     m: Option<PartitionMachine>,
     pos: usize,
+    /// Where the current machine started consuming.
+    assigned_pos: usize,
     log_start: usize,
     now: u64,
     paused: bool,
@@ -405,6 +411,7 @@ impl Harness {
             self.fresh_starts.push(start);
         }
         self.pos = start as usize;
+        self.assigned_pos = self.pos;
         let m = PartitionMachine::assigned(
             Arc::from("t"),
             0,
@@ -454,6 +461,7 @@ impl StateMachineTest for Test {
         let mut h = Harness {
             m: None,
             pos: 0,
+            assigned_pos: 0,
             log_start: 0,
             now: 0,
             paused: false,
@@ -497,6 +505,19 @@ impl StateMachineTest for Test {
                         let m = h.m.as_mut().unwrap();
                         m.on_record(rec.view(), decoded, h.now, &mut h.actions);
                         h.pos += 1;
+                        h.run(log);
+                    }
+                }
+            }
+            Op::ReadAgain(k) => {
+                // Only records this machine consumed and retention has not removed.
+                let from = h.pos.saturating_sub(k).max(h.assigned_pos).max(h.log_start);
+                if !h.paused {
+                    for p in from..h.pos {
+                        let rec = log[p].to_record(p as i64);
+                        let decoded = protocol::decode(&rec, Protocol::Headers, &names());
+                        let m = h.m.as_mut().unwrap();
+                        m.on_record(rec.view(), decoded, h.now, &mut h.actions);
                         h.run(log);
                     }
                 }

@@ -408,6 +408,17 @@ impl PartitionMachine {
     ) {
         self.now_ms = self.now_ms.max(now_ms);
         let offset = rec.offset;
+        // librdkafka can hand a record out twice. A pause saves the partition's fetch
+        // position, and a record the consumer has taken from the queue but not yet read
+        // is not in it; the resume fetches that record again. librdkafka pauses every
+        // partition itself while a cooperative rebalance waits for the application
+        // (`rd_kafka_assignment_pause`, on its own thread), so this happens without any
+        // pause of ours: the fault-injection suite once delivered a transaction with one
+        // task twice. A record is applied once per assignment.
+        if self.offsets.next_offset().is_some_and(|next| offset < next) {
+            out.push(Action::Report(Report::ReadAgain { offset }));
+            return;
+        }
         if let Some(committed) = self.first_check.take() {
             if offset == committed {
                 // The log continues exactly where the committed offset says: whatever the

@@ -16,6 +16,12 @@ pub enum Report {
         /// Tasks discarded.
         tasks: usize,
     },
+    /// librdkafka handed out again a record this machine already applied (see
+    /// `PartitionMachine::on_record`); it was ignored.
+    ReadAgain {
+        /// Offset of the record.
+        offset: i64,
+    },
     /// A commit marker at `offset` was handled before this owner (skip set).
     DuplicateSkipped {
         /// Offset of the commit marker.

@@ -160,9 +160,6 @@ pub(crate) struct Part {
     overflow: (u64, u64),
     /// The safe offset while it lies below the consumed position, and since when.
     held: Option<(i64, Instant)>,
-    /// The offset after the last record a reader thread applied (see
-    /// [`Engine::on_batch`]).
-    read_to: Option<i64>,
 }
 
 /// Everything the consumer thread and the rebalance callbacks share.
@@ -326,15 +323,8 @@ impl Engine {
             p.at_end = false;
         }
         for (rec, decoded) in records {
-            // librdkafka records a message's offset as the partition's position only after
-            // it has left the queue. A pause by another thread in between (back-pressure
-            // runs on every thread) saves the position before it, and the resume fetches
-            // that message again: the machine must not see it twice.
-            if p.read_to.is_some_and(|next| rec.offset < next) {
-                debug!(topic = %from.topic, partition = from.partition, offset = rec.offset, "record read again after a pause; skipped");
-                continue;
-            }
-            p.read_to = Some(rec.offset + 1);
+            // A record read again after a pause (back-pressure runs on every thread) is
+            // ignored by the machine itself (`PartitionMachine::on_record`).
             p.machine.on_record(rec, decoded, now_ms, actions);
             carry_out(p, actions, metrics);
         }

@@ -167,7 +167,6 @@ impl Engine {
                 sent: Default::default(),
                 overflow: (0, 0),
                 held: None,
-                read_to: None,
             };
             carry_out(&mut part, &mut self.actions, &self.metrics);
             self.parts.entry(topic).or_default().insert(partition, part);

@@ -1,6 +1,6 @@
 //! The one place where what a partition's state machine reports is logged and counted.
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::machine::{ConsumedKind, PartitionMachine, Report};
 use crate::telemetry::{GapLabel, Metrics, Outcome, ReasonLabel, RecordKind};
@@ -24,6 +24,12 @@ pub(super) fn report(metrics: &Metrics, m: &PartitionMachine, r: Report) {
                 metrics.outcome(Outcome::aborted);
             }
             info!(topic, partition, offset, txn_id = %id, tasks, "aborted");
+        }
+        Report::ReadAgain { offset } => {
+            debug!(
+                topic,
+                partition, offset, "record read again after a pause; ignored"
+            );
         }
         Report::DuplicateSkipped { offset, id } => {
             metrics.outcome(Outcome::duplicate_skipped);
