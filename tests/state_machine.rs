@@ -922,6 +922,51 @@ fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
     );
 }
 
+/// A record handed out again (librdkafka after a pause) or a log that went back while
+/// assigned: the machine applies each offset once, and says which case it saw.
+#[test]
+fn a_record_is_applied_once_per_assignment() {
+    let log = [
+        rec("a", RecKind::Task),
+        rec("a", RecKind::Task),
+        rec("a", RecKind::Commit(CountKind::None)),
+    ];
+    let a = Assignment {
+        committed: None,
+        metadata: String::new(),
+        log_start: Some(0),
+        log_end: Some(0),
+    };
+    let mut actions = Vec::new();
+    let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
+    feed(&mut m, &log[..2], 0, &mut actions);
+    // The last record again, then the whole log from its start.
+    feed(&mut m, &log[..2], 1, &mut actions);
+    let again: Vec<(i64, i64)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(Report::ReadAgain { offset, next }) => Some((*offset, *next)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again, vec![(1, 2)]);
+    feed(&mut m, &log[..2], 0, &mut actions);
+    feed(&mut m, &log, 2, &mut actions);
+    let delivered: Vec<Vec<i64>> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver(c, _) => Some(c.tasks.iter().map(|t| t.offset).collect()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![vec![0, 1]], "each task staged once");
+    let rewound = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Report(Report::ReadAgain { offset: 0, next: 2 })))
+        .count();
+    assert_eq!(rewound, 1);
+}
+
 /// An instance that began BELOW the committed offset and ends in the skip set loaded on
 /// assign (the previous owner, trusting metadata, committed past its first record): the
 /// new owner does not know where it began. If the new owner's later commit leaves its end

@@ -415,8 +415,8 @@ impl PartitionMachine {
         // (`rd_kafka_assignment_pause`, on its own thread), so this happens without any
         // pause of ours: the fault-injection suite once delivered a transaction with one
         // task twice. A record is applied once per assignment.
-        if self.offsets.next_offset().is_some_and(|next| offset < next) {
-            out.push(Action::Report(Report::ReadAgain { offset }));
+        if let Some(next) = self.offsets.next_offset().filter(|&next| offset < next) {
+            out.push(Action::Report(Report::ReadAgain { offset, next }));
             return;
         }
         if let Some(committed) = self.first_check.take() {

@@ -16,11 +16,15 @@ pub enum Report {
         /// Tasks discarded.
         tasks: usize,
     },
-    /// librdkafka handed out again a record this machine already applied (see
-    /// `PartitionMachine::on_record`); it was ignored.
+    /// A record below the next offset to consume was ignored: this machine already
+    /// applied that offset (see `PartitionMachine::on_record`). The one just below
+    /// `next` is librdkafka handing a record out again; anything lower means the log
+    /// went back (truncated or reset below the position).
     ReadAgain {
         /// Offset of the record.
         offset: i64,
+        /// The next offset the machine expected.
+        next: i64,
     },
     /// A commit marker at `offset` was handled before this owner (skip set).
     DuplicateSkipped {

@@ -25,11 +25,18 @@ pub(super) fn report(metrics: &Metrics, m: &PartitionMachine, r: Report) {
             }
             info!(topic, partition, offset, txn_id = %id, tasks, "aborted");
         }
-        Report::ReadAgain { offset } => {
+        Report::ReadAgain { offset, next } if offset + 1 == next => {
             debug!(
                 topic,
                 partition, offset, "record read again after a pause; ignored"
             );
+        }
+        Report::ReadAgain { offset, next } => {
+            metrics
+                .offset_gaps
+                .get_or_create(&GapLabel { kind: "rewind" })
+                .inc();
+            warn!(topic, partition, offset, next, "the log went back below records already applied (truncated or reset while assigned); records at those offsets are not applied again by this owner");
         }
         Report::DuplicateSkipped { offset, id } => {
             metrics.outcome(Outcome::duplicate_skipped);
