@@ -884,6 +884,22 @@ fn feed(m: &mut PartitionMachine, log: &[Rec], from: usize, actions: &mut Vec<Ac
     }
 }
 
+/// A machine assigned at `committed` with `metadata`, over a log of `log_end` records.
+fn assigned_at(
+    committed: Option<i64>,
+    metadata: String,
+    log_end: usize,
+    actions: &mut Vec<Action>,
+) -> PartitionMachine {
+    let a = Assignment {
+        committed,
+        metadata,
+        log_start: Some(0),
+        log_end: Some(log_end as i64),
+    };
+    PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, actions)
+}
+
 /// A skip set loaded on assign names where finished instances end, not where they began.
 /// A new owner that replays such an instance whole must still hold a commit point that
 /// cannot rely on metadata at the instance's first record: committing past it, then
@@ -902,14 +918,8 @@ fn a_replayed_instance_holds_an_untrusted_commit_point_at_its_first_record() {
         rec("c", RecKind::Commit(CountKind::None)),
     ];
     let (metadata, _) = txn_sidecar::offsets::encode_metadata(1, &BTreeSet::from([4]));
-    let a = Assignment {
-        committed: Some(1),
-        metadata,
-        log_start: Some(0),
-        log_end: Some(log.len() as i64),
-    };
     let mut actions = Vec::new();
-    let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
+    let mut m = assigned_at(Some(1), metadata, log.len(), &mut actions);
     feed(&mut m, &log, 1, &mut actions);
     assert!(
         !actions.iter().any(|a| matches!(a, Action::Deliver(..))),
@@ -931,14 +941,8 @@ fn a_record_is_applied_once_per_assignment() {
         rec("a", RecKind::Task),
         rec("a", RecKind::Commit(CountKind::None)),
     ];
-    let a = Assignment {
-        committed: None,
-        metadata: String::new(),
-        log_start: Some(0),
-        log_end: Some(0),
-    };
     let mut actions = Vec::new();
-    let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
+    let mut m = assigned_at(None, String::new(), 0, &mut actions);
     feed(&mut m, &log[..2], 0, &mut actions);
     // The last record again, then the whole log from its start.
     feed(&mut m, &log[..2], 1, &mut actions);
@@ -990,14 +994,8 @@ fn a_straddling_replayed_instance_is_never_delivered_in_part_by_a_later_owner() 
     let c_commit = log.len() as i64;
     log.push(rec("c", RecKind::Commit(CountKind::None)));
     let (metadata, _) = txn_sidecar::offsets::encode_metadata(1, &BTreeSet::from([c_commit]));
-    let a = Assignment {
-        committed: Some(1),
-        metadata,
-        log_start: Some(0),
-        log_end: Some(log.len() as i64),
-    };
     let mut actions = Vec::new();
-    let mut m = PartitionMachine::assigned(Arc::from("t"), 0, settings(), &a, 0, &mut actions);
+    let mut m = assigned_at(Some(1), metadata, log.len(), &mut actions);
     m.metadata_kept(); // as the driver does: metadata found on assign
     feed(&mut m, &log, 1, &mut actions);
     // Everything open expires (x and the M ids); acknowledge every dead-letter write.

@@ -418,6 +418,11 @@ impl Producer {
         if let Some(v) = value {
             rec = rec.payload(v);
         }
+        self.enqueue(rec);
+    }
+
+    /// Hands `rec` to the producer, waiting while its queue is full.
+    fn enqueue(&self, mut rec: BaseRecord<'_, str, [u8]>) {
         loop {
             match self.0.send(rec) {
                 Ok(()) => return,
@@ -432,20 +437,12 @@ impl Producer {
 
     /// One record of the key-prefix protocol: key `<kind>-<id>`, no headers.
     fn send_key_prefix(&self, topic: &str, partition: i32, key: &str, value: &[u8]) {
-        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
-            .partition(partition)
-            .key(key)
-            .payload(value);
-        loop {
-            match self.0.send(rec) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => panic!("produce: {e}"),
-            }
-        }
+        self.enqueue(
+            BaseRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(value),
+        );
     }
 
     /// `tasks` tasks then the `end` marker (`commit`, `abort`; `None` leaves it open).
