@@ -1060,6 +1060,14 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     s.wait_metric(ASSIGNED, Duration::from_secs(60), |v| v >= parts as f64)?;
     std::thread::sleep(Duration::from_millis(500));
     let c0 = proc_cpu_secs(s.proc.pid());
+    // Where the time goes under load: each thread's time on a CPU against its time
+    // runnable but waiting for one, for the sidecar and the bare consumer alike.
+    // (The bare consumer reads its own, over its first to last record.)
+    let (sched_s0, busy0, t0) = (
+        thread_sched_secs(s.proc.pid()),
+        system_busy_secs(),
+        Instant::now(),
+    );
 
     // The idempotent producer gets its producer id on first use; without this warm-up the
     // first few hundred ms of transactions would be held back and arrive as one burst.
@@ -1089,6 +1097,9 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     p.flush()?;
     s.wait_metric(DELIVERED, Duration::from_secs(60), |v| v >= k as f64)?;
     let c1 = proc_cpu_secs(s.proc.pid());
+    let window = t0.elapsed().as_secs_f64();
+    let sched_sidecar = sched_delta(&sched_s0, &thread_sched_secs(s.proc.pid()), window);
+    let busy_cores = (system_busy_secs() - busy0) / window;
     let text = s.scrape();
     let line = rx
         .recv_timeout(Duration::from_secs(60))
@@ -1183,6 +1194,7 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
         "hist_p50_ms": bucket_quantile(&h, 0.5) * 1e3, "hist_p99_ms": bucket_quantile(&h, 0.99) * 1e3,
         "hist_le_1ms": bucket_fraction(&h, 0.001), "hist_le_2_5ms": bucket_fraction(&h, 0.0025),
         "sidecar_cpu_per_task_us": (c1 - c0) / (k as f64 * 10.0) * 1e6,
+        "sched_sidecar": sched_sidecar, "sched_bare": b["sched"].clone(), "busy_cores": busy_cores,
         "bare_cpu_per_record_us": b["cpu_s"].as_f64().unwrap_or(f64::NAN) / b["records"].as_f64().unwrap_or(f64::NAN) * 1e6,
     }))
 }
@@ -1556,6 +1568,58 @@ fn table(reps: &[Value], o: &Opts) -> String {
             "| ↳ sidecar's own histogram `commit_to_delivery_seconds` (commit consumed → app answered), p50 / p99 bucket-interpolated | {} / {} ms; ≤ 1 ms: {}%, ≤ 2.5 ms: {}% | | | | |\n",
             fmt(&c("hist_p50_ms"), 1.0, 2), fmt(&c("hist_p99_ms"), 1.0, 2),
             fmt(&c("hist_le_1ms"), 100.0, 1), fmt(&c("hist_le_2_5ms"), 100.0, 1),
+        ));
+    }
+    if has("latency") {
+        // Thread groups by name: the sidecar's consumer thread ("txn-sidecar-consumer",
+        // truncated to 15 bytes by the kernel), tokio workers, librdkafka's threads.
+        let group = |r: &Value, side: &str, g: &str, field: &str| -> f64 {
+            let Some(m) = r["latency"][side].as_object() else {
+                return f64::NAN;
+            };
+            m.iter()
+                .filter(|(name, _)| match g {
+                    "consumer" => name.starts_with("txn-sidecar-con"),
+                    "tokio" => name.starts_with("tokio"),
+                    "librdkafka" => name.starts_with("rdk:"),
+                    _ => !name.starts_with("rdk:"),
+                })
+                .map(|(_, v)| v[field].as_f64().unwrap_or(0.0))
+                .sum()
+        };
+        let g = |side: &str, grp: &str| {
+            let run: Vec<f64> = reps
+                .iter()
+                .map(|r| group(r, side, grp, "run_ms_per_s"))
+                .collect();
+            let wait: Vec<f64> = reps
+                .iter()
+                .map(|r| group(r, side, grp, "wait_ms_per_s"))
+                .collect();
+            // Times scheduled in per transaction: the wake-ups each one costs.
+            let per_txn: Vec<f64> = reps
+                .iter()
+                .map(|r| {
+                    group(r, side, grp, "scheduled_per_s")
+                        / r["latency"]["target_rate"].as_f64().unwrap_or(f64::NAN)
+                })
+                .collect();
+            format!(
+                "{} / {} ({} per txn)",
+                fmt(&run, 1.0, 0),
+                fmt(&wait, 1.0, 0),
+                fmt(&per_txn, 1.0, 2)
+            )
+        };
+        t.push_str(&format!(
+            "| ↳ at half load, ms per second on a CPU / runnable but waiting for one (times scheduled in per transaction; `/proc/*/task/*/schedstat`): consumer thread {} · tokio workers {} · librdkafka {} | machine busy {} of {} cores | bare consumer: its own threads {} · librdkafka {} | | | |\n",
+            g("sched_sidecar", "consumer"),
+            g("sched_sidecar", "tokio"),
+            g("sched_sidecar", "librdkafka"),
+            fmt(&col(reps, "latency", "busy_cores"), 1.0, 2),
+            m["nproc"],
+            g("sched_bare", "own"),
+            g("sched_bare", "librdkafka"),
         ));
     }
     if has("delivery") || has("staging") || has("latency") {

@@ -17,7 +17,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::json;
 use txn_sidecar::config::{Config, Sources};
 
-use crate::util::{now_us, proc_cpu_secs, proc_rss, scan_int};
+use crate::util::{now_us, proc_cpu_secs, proc_rss, scan_int, sched_delta, thread_sched_secs};
 
 /// `--key value` pairs after the role name.
 pub fn flags(args: &[String]) -> BTreeMap<String, String> {
@@ -361,11 +361,17 @@ pub fn bare(args: &[String]) -> anyhow::Result<()> {
         "latency" => {
             let (mut lat, mut commits, mut records) = (Vec::<(i64, i64)>::new(), 0u64, 0u64);
             let c0 = proc_cpu_secs(me);
+            // Per-thread scheduling from the first record to the last, read here because
+            // librdkafka's threads are gone once the consumer is dropped.
+            let mut sched0 = (Instant::now(), Default::default());
             while commits < expect && Instant::now() < deadline {
                 announce(&consumer, &mut announced);
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                     let t = now_us();
                     records += 1;
+                    if records == 1 {
+                        sched0 = (Instant::now(), thread_sched_secs(me));
+                    }
                     let is_commit = m.headers().is_some_and(|h| {
                         h.iter()
                             .any(|h| h.key == "txn-type" && h.value == Some(b"commit".as_slice()))
@@ -379,7 +385,12 @@ pub fn bare(args: &[String]) -> anyhow::Result<()> {
                 }
             }
             let cpu = proc_cpu_secs(me) - c0;
-            json!({ "commits": commits, "records": records, "cpu_s": cpu, "samples": lat })
+            let sched = sched_delta(
+                &sched0.1,
+                &thread_sched_secs(me),
+                sched0.0.elapsed().as_secs_f64(),
+            );
+            json!({ "commits": commits, "records": records, "cpu_s": cpu, "samples": lat, "sched": sched })
         }
         "idle" => {
             while Instant::now() < deadline && !announced {

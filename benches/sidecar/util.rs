@@ -80,6 +80,61 @@ pub fn thread_cpu_secs(pid: u32) -> std::collections::BTreeMap<String, f64> {
     out
 }
 
+/// Per thread name of process `pid` (threads with the same name summed): seconds on a
+/// CPU, seconds runnable but waiting for one (the run queue), and times scheduled in,
+/// from `/proc/<pid>/task/*/schedstat` (the kernel's `sched_info`; times in ns).
+pub fn thread_sched_secs(pid: u32) -> std::collections::BTreeMap<String, [f64; 3]> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let (Ok(comm), Ok(s)) = (
+            std::fs::read_to_string(e.path().join("comm")),
+            std::fs::read_to_string(e.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let f: Vec<f64> = s
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let [run, wait, slices] = [0, 1, 2].map(|i| f.get(i).copied().unwrap_or(0.0));
+        let slot = out.entry(comm.trim().to_string()).or_insert([0.0; 3]);
+        slot[0] += run / 1e9;
+        slot[1] += wait / 1e9;
+        slot[2] += slices;
+    }
+    out
+}
+
+/// What each thread name did between two [`thread_sched_secs`] snapshots over `secs`:
+/// `{name: {"run_ms_per_s", "wait_ms_per_s", "scheduled_per_s"}}` (threads that did not
+/// run are left out; threads that ended in between are missing from `after`).
+pub fn sched_delta(
+    before: &std::collections::BTreeMap<String, [f64; 3]>,
+    after: &std::collections::BTreeMap<String, [f64; 3]>,
+    secs: f64,
+) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, a) in after {
+        let b = before.get(name).copied().unwrap_or([0.0; 3]);
+        let [run, wait, slices] = [0, 1, 2].map(|i| (a[i] - b[i]).max(0.0));
+        if run + wait < 1e-4 {
+            continue;
+        }
+        out.insert(
+            name.clone(),
+            serde_json::json!({
+                "run_ms_per_s": run / secs * 1e3,
+                "wait_ms_per_s": wait / secs * 1e3,
+                "scheduled_per_s": slices / secs,
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
 fn clock_ticks() -> f64 {
     // USER_HZ is 100 on every Linux this runs on; `getconf CLK_TCK` confirms it.
     100.0
