@@ -206,6 +206,9 @@ struct Ctx {
     brokers: String,
     sink: SocketAddr,
     logs: PathBuf,
+    /// Process ids of the broker and the sink, for their CPU under load.
+    mock_pid: u32,
+    sink_pid: u32,
 }
 
 impl Ctx {
@@ -518,14 +521,17 @@ fn driver(args: &[String]) -> Result<()> {
 
     // The sink app.
     let sink: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         o,
         me,
         brokers,
         sink,
         logs,
+        mock_pid: mock.pid(),
+        sink_pid: 0,
     };
     let mut sink_proc = ctx.role("sink", &["sink".into(), "--addr".into(), sink.to_string()])?;
+    ctx.sink_pid = sink_proc.pid();
     let mut line = String::new();
     sink_proc.stdout_lines().read_line(&mut line)?;
     if line.trim() != "ready" {
@@ -1062,12 +1068,21 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     let c0 = proc_cpu_secs(s.proc.pid());
     // Where the time goes under load: each thread's time on a CPU against its time
     // runnable but waiting for one, for the sidecar and the bare consumer alike.
-    // (The bare consumer reads its own, over its first to last record.)
+    // (The bare consumer reads its own, over its first to last record.) Beside it, the
+    // CPU of every other party: who keeps the machine busy.
+    let parties = [
+        ("sidecar", s.proc.pid()),
+        ("bare", bare.pid()),
+        ("broker", ctx.mock_pid),
+        ("sink", ctx.sink_pid),
+        ("producer", std::process::id()),
+    ];
     let (sched_s0, busy0, t0) = (
         thread_sched_secs(s.proc.pid()),
         system_busy_secs(),
         Instant::now(),
     );
+    let cpu0 = parties.map(|(_, pid)| proc_cpu_secs(pid));
 
     // The idempotent producer gets its producer id on first use; without this warm-up the
     // first few hundred ms of transactions would be held back and arrive as one burst.
@@ -1100,11 +1115,23 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     let window = t0.elapsed().as_secs_f64();
     let sched_sidecar = sched_delta(&sched_s0, &thread_sched_secs(s.proc.pid()), window);
     let busy_cores = (system_busy_secs() - busy0) / window;
+    // The bare consumer may have exited already (it stops at its last record): NaN then.
+    let mut party_cores: serde_json::Map<String, Value> = parties
+        .iter()
+        .zip(cpu0)
+        .map(|((name, pid), c0)| (name.to_string(), json!((proc_cpu_secs(*pid) - c0) / window)))
+        .collect();
     let text = s.scrape();
     let line = rx
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| anyhow!("bare latency consumer gave no result"))?;
     let b: Value = serde_json::from_str(&line)?;
+    // The bare consumer has exited by now: its own CPU figure, over about the same window.
+    if let Some(v) = party_cores.get_mut("bare") {
+        if v.as_f64().is_none_or(f64::is_nan) {
+            *v = json!(b["cpu_s"].as_f64().unwrap_or(f64::NAN) / window);
+        }
+    }
     let control_samples: Option<Value> = match &ctl {
         Some((_, crx)) => {
             let line = crx
@@ -1194,7 +1221,7 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
         "hist_p50_ms": bucket_quantile(&h, 0.5) * 1e3, "hist_p99_ms": bucket_quantile(&h, 0.99) * 1e3,
         "hist_le_1ms": bucket_fraction(&h, 0.001), "hist_le_2_5ms": bucket_fraction(&h, 0.0025),
         "sidecar_cpu_per_task_us": (c1 - c0) / (k as f64 * 10.0) * 1e6,
-        "sched_sidecar": sched_sidecar, "sched_bare": b["sched"].clone(), "busy_cores": busy_cores,
+        "sched_sidecar": sched_sidecar, "sched_bare": b["sched"].clone(), "busy_cores": busy_cores, "party_cores": party_cores,
         "bare_cpu_per_record_us": b["cpu_s"].as_f64().unwrap_or(f64::NAN) / b["records"].as_f64().unwrap_or(f64::NAN) * 1e6,
     }))
 }
@@ -1620,6 +1647,21 @@ fn table(reps: &[Value], o: &Opts) -> String {
             m["nproc"],
             g("sched_bare", "own"),
             g("sched_bare", "librdkafka"),
+        ));
+        let party = |p: &str| -> String {
+            let v: Vec<f64> = reps
+                .iter()
+                .map(|r| r["latency"]["party_cores"][p].as_f64().unwrap_or(f64::NAN))
+                .collect();
+            fmt(&v, 1.0, 2)
+        };
+        t.push_str(&format!(
+            "| ↳ at half load, cores used by each party: sidecar {} · bare consumer {} | broker {} · producer {} · sink {} | | | | |\n",
+            party("sidecar"),
+            party("bare"),
+            party("broker"),
+            party("producer"),
+            party("sink"),
         ));
     }
     if has("delivery") || has("staging") || has("latency") {
