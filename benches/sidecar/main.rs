@@ -1066,16 +1066,20 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     s.wait_metric(ASSIGNED, Duration::from_secs(60), |v| v >= parts as f64)?;
     std::thread::sleep(Duration::from_millis(500));
     let c0 = proc_cpu_secs(s.proc.pid());
-    // Where the time goes under load: each thread's time on a CPU against its time
-    // runnable but waiting for one, for the sidecar and the bare consumer alike.
-    // (The bare consumer reads its own, over its first to last record.) Beside it, the
-    // CPU of every other party: who keeps the machine busy.
+    // The idempotent producer gets its producer id on first use; without this warm-up the
+    // first few hundred ms of transactions would be held back and arrive as one burst.
+    let p = Producer::new(&ctx.brokers, &ctx.o.latency_linger_ms.to_string())?;
+    p.send("warmup", 0, "warmup", "task", Some(b"{}"));
+    p.flush()?;
+    // Where the time goes under load, from the first paced transaction until the last is
+    // delivered: each sidecar thread's time on a CPU against its time runnable but waiting
+    // for one (the bare consumer reads its own, from its first record to its last), and
+    // the CPU of every party: who keeps the machine busy.
     let parties = [
         ("sidecar", s.proc.pid()),
-        ("bare", bare.pid()),
         ("broker", ctx.mock_pid),
         ("sink", ctx.sink_pid),
-        ("producer", std::process::id()),
+        ("driver", std::process::id()),
     ];
     let (sched_s0, busy0, t0) = (
         thread_sched_secs(s.proc.pid()),
@@ -1083,12 +1087,6 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
         Instant::now(),
     );
     let cpu0 = parties.map(|(_, pid)| proc_cpu_secs(pid));
-
-    // The idempotent producer gets its producer id on first use; without this warm-up the
-    // first few hundred ms of transactions would be held back and arrive as one burst.
-    let p = Producer::new(&ctx.brokers, &ctx.o.latency_linger_ms.to_string())?;
-    p.send("warmup", 0, "warmup", "task", Some(b"{}"));
-    p.flush()?;
     let t_start = now_us();
     let warm_until = t_start + 500_000;
     let start = Instant::now();
@@ -1115,7 +1113,6 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
     let window = t0.elapsed().as_secs_f64();
     let sched_sidecar = sched_delta(&sched_s0, &thread_sched_secs(s.proc.pid()), window);
     let busy_cores = (system_busy_secs() - busy0) / window;
-    // The bare consumer may have exited already (it stops at its last record): NaN then.
     let mut party_cores: serde_json::Map<String, Value> = parties
         .iter()
         .zip(cpu0)
@@ -1126,12 +1123,14 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
         .recv_timeout(Duration::from_secs(60))
         .map_err(|_| anyhow!("bare latency consumer gave no result"))?;
     let b: Value = serde_json::from_str(&line)?;
-    // The bare consumer has exited by now: its own CPU figure, over about the same window.
-    if let Some(v) = party_cores.get_mut("bare") {
-        if v.as_f64().is_none_or(f64::is_nan) {
-            *v = json!(b["cpu_s"].as_f64().unwrap_or(f64::NAN) / window);
-        }
-    }
+    // The bare consumer has exited by now: its CPU over its own first to last record.
+    party_cores.insert(
+        "bare".into(),
+        json!(
+            b["window_cpu_s"].as_f64().unwrap_or(f64::NAN)
+                / b["window_s"].as_f64().unwrap_or(f64::NAN)
+        ),
+    );
     let control_samples: Option<Value> = match &ctl {
         Some((_, crx)) => {
             let line = crx
@@ -1222,6 +1221,7 @@ fn latency(ctx: &Ctx, r: usize, prefix: &str, rate: f64, control: bool) -> Resul
         "hist_le_1ms": bucket_fraction(&h, 0.001), "hist_le_2_5ms": bucket_fraction(&h, 0.0025),
         "sidecar_cpu_per_task_us": (c1 - c0) / (k as f64 * 10.0) * 1e6,
         "sched_sidecar": sched_sidecar, "sched_bare": b["sched"].clone(), "busy_cores": busy_cores, "party_cores": party_cores,
+        "sched_window_s": window, "bare_window_s": b["window_s"].clone(),
         "bare_cpu_per_record_us": b["cpu_s"].as_f64().unwrap_or(f64::NAN) / b["records"].as_f64().unwrap_or(f64::NAN) * 1e6,
     }))
 }
@@ -1601,7 +1601,7 @@ fn table(reps: &[Value], o: &Opts) -> String {
         // Thread groups by name: the sidecar's consumer thread ("txn-sidecar-consumer",
         // truncated to 15 bytes by the kernel), tokio workers, librdkafka's threads.
         let group = |r: &Value, side: &str, g: &str, field: &str| -> f64 {
-            let Some(m) = r["latency"][side].as_object() else {
+            let Some(m) = r["latency"][side].as_object().filter(|m| !m.is_empty()) else {
                 return f64::NAN;
             };
             m.iter()
@@ -1609,6 +1609,11 @@ fn table(reps: &[Value], o: &Opts) -> String {
                     "consumer" => name.starts_with("txn-sidecar-con"),
                     "tokio" => name.starts_with("tokio"),
                     "librdkafka" => name.starts_with("rdk:"),
+                    "other" => {
+                        !name.starts_with("txn-sidecar-con")
+                            && !name.starts_with("tokio")
+                            && !name.starts_with("rdk:")
+                    }
                     _ => !name.starts_with("rdk:"),
                 })
                 .map(|(_, v)| v[field].as_f64().unwrap_or(0.0))
@@ -1624,11 +1629,17 @@ fn table(reps: &[Value], o: &Opts) -> String {
                 .map(|r| group(r, side, grp, "wait_ms_per_s"))
                 .collect();
             // Times scheduled in per transaction: the wake-ups each one costs.
+            let window = if side == "sched_bare" {
+                "bare_window_s"
+            } else {
+                "sched_window_s"
+            };
             let per_txn: Vec<f64> = reps
                 .iter()
                 .map(|r| {
-                    group(r, side, grp, "scheduled_per_s")
-                        / r["latency"]["target_rate"].as_f64().unwrap_or(f64::NAN)
+                    let l = &r["latency"];
+                    group(r, side, grp, "scheduled_per_s") * l[window].as_f64().unwrap_or(f64::NAN)
+                        / l["transactions"].as_f64().unwrap_or(f64::NAN)
                 })
                 .collect();
             format!(
@@ -1639,10 +1650,11 @@ fn table(reps: &[Value], o: &Opts) -> String {
             )
         };
         t.push_str(&format!(
-            "| ↳ at half load, ms per second on a CPU / runnable but waiting for one (times scheduled in per transaction; `/proc/*/task/*/schedstat`): consumer thread {} · tokio workers {} · librdkafka {} | machine busy {} of {} cores | bare consumer: its own threads {} · librdkafka {} | | | |\n",
+            "| ↳ at half load, ms per second on a CPU / runnable but waiting for one (times scheduled in per transaction; `/proc/*/task/*/schedstat`): consumer thread {} · tokio workers {} · librdkafka {} · other {} | machine busy {} of {} cores | bare consumer: its own threads {} · librdkafka {} | | | |\n",
             g("sched_sidecar", "consumer"),
             g("sched_sidecar", "tokio"),
             g("sched_sidecar", "librdkafka"),
+            g("sched_sidecar", "other"),
             fmt(&col(reps, "latency", "busy_cores"), 1.0, 2),
             m["nproc"],
             g("sched_bare", "own"),
@@ -1656,11 +1668,11 @@ fn table(reps: &[Value], o: &Opts) -> String {
             fmt(&v, 1.0, 2)
         };
         t.push_str(&format!(
-            "| ↳ at half load, cores used by each party: sidecar {} · bare consumer {} | broker {} · producer {} · sink {} | | | | |\n",
+            "| ↳ at half load, cores used by each party: sidecar {} · bare consumer {} | broker {} · the driver (its producer paces the load) {} · sink {} | | | | |\n",
             party("sidecar"),
             party("bare"),
             party("broker"),
-            party("producer"),
+            party("driver"),
             party("sink"),
         ));
     }

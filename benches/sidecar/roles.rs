@@ -363,14 +363,14 @@ pub fn bare(args: &[String]) -> anyhow::Result<()> {
             let c0 = proc_cpu_secs(me);
             // Per-thread scheduling from the first record to the last, read here because
             // librdkafka's threads are gone once the consumer is dropped.
-            let mut sched0 = (Instant::now(), Default::default());
+            let mut sched0 = (Instant::now(), Default::default(), 0.0);
             while commits < expect && Instant::now() < deadline {
                 announce(&consumer, &mut announced);
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                     let t = now_us();
                     records += 1;
                     if records == 1 {
-                        sched0 = (Instant::now(), thread_sched_secs(me));
+                        sched0 = (Instant::now(), thread_sched_secs(me), proc_cpu_secs(me));
                     }
                     let is_commit = m.headers().is_some_and(|h| {
                         h.iter()
@@ -385,12 +385,13 @@ pub fn bare(args: &[String]) -> anyhow::Result<()> {
                 }
             }
             let cpu = proc_cpu_secs(me) - c0;
-            let sched = sched_delta(
-                &sched0.1,
-                &thread_sched_secs(me),
-                sched0.0.elapsed().as_secs_f64(),
-            );
-            json!({ "commits": commits, "records": records, "cpu_s": cpu, "samples": lat, "sched": sched })
+            let window = sched0.0.elapsed().as_secs_f64();
+            let sched = sched_delta(&sched0.1, &thread_sched_secs(me), window);
+            let window_cpu = proc_cpu_secs(me) - sched0.2;
+            json!({
+                "commits": commits, "records": records, "cpu_s": cpu, "samples": lat,
+                "sched": sched, "window_s": window, "window_cpu_s": window_cpu,
+            })
         }
         "idle" => {
             while Instant::now() < deadline && !announced {

@@ -15,14 +15,20 @@ use super::ReadyTxn;
 /// losslessly (base64 where they are not UTF-8, flagged by the `*_encoding` fields and
 /// `base64_headers`). Marker headers and `txn-dlq-*` headers are not rendered.
 ///
-/// A task is `{"offset", "key", "key_encoding"?, "headers", "base64_headers"?,
+/// The body is `{"id", "topic", "partition", "commit_offset", "tasks": [...]}`, and a
+/// task is `{"offset", "key", "key_encoding"?, "headers", "base64_headers"?,
 /// "header_list"?, "value", "encoding"?}`, the `?` fields only when they apply.
 ///
+/// Size: about the transaction's staged bytes plus 100 bytes per task for JSON values and
+/// text without escapes; base64 adds a third; escaped text up to 2× (quotes, backslashes)
+/// and 6× (control characters, as `\u00xx`). The buffer is held at the body's length.
+///
 /// Written by hand into one buffer, byte for byte what `serde_json` wrote from derived
-/// structs before (a property test compares the two): that escaped each field name at run
-/// time, wrote every fragment through `io::Write` and allocated per task. For 10 tasks of
-/// 100-byte JSON values (callgrind, delivery benchmark) it took 37 100 instructions per
-/// transaction, this 22 600, about half of them `serde_json` validating the values.
+/// structs before (a property test compares the two). The serde renderer escaped each
+/// field name at run time, wrote every fragment through `io::Write` and allocated per task:
+/// for 10 tasks of 100-byte JSON values (callgrind, delivery benchmark) it took 37 100
+/// instructions per transaction, this one 22 600, about half of them `serde_json`
+/// validating the values (docs/benchmarks-history.md, change 13).
 pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
     let marker_headers = [
         names.id.as_bytes(),
@@ -35,7 +41,8 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
     };
     // Sized for the staged bytes plus the JSON around them, so the body is written
     // without the reallocations and copies of a growing `Vec`.
-    let mut out = Vec::with_capacity(txn.tasks.encoded_len() + 96 * txn.tasks.len() + 128);
+    let estimate = txn.tasks.encoded_len() + 96 * txn.tasks.len() + 128;
+    let mut out = Vec::with_capacity(estimate);
     out.extend_from_slice(b"{\"id\":");
     write_str(&mut out, &txn.id);
     out.extend_from_slice(b",\"topic\":");
@@ -45,8 +52,8 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
     out.extend_from_slice(b",\"commit_offset\":");
     write_int(&mut out, txn.commit_offset);
     out.extend_from_slice(b",\"tasks\":[");
-    // A task's `headers` object, reused by every task: most carry only the marker
-    // headers, so it rarely allocates at all.
+    // The entries of a task's `headers` object, one buffer for every task: most tasks
+    // carry only the marker headers, so it rarely allocates at all.
     let mut headers: Vec<(&str, Option<Text<'_>>)> = Vec::new();
     write_seq(&mut out, txn.tasks.iter(), |out, t| {
         let (key, value, all_headers) = t.parts();
@@ -141,6 +148,11 @@ pub fn render_body(txn: &ReadyTxn, names: &HeaderNames) -> Vec<u8> {
         out.push(b'}');
     });
     out.extend_from_slice(b"]}");
+    // Escaped text can outgrow the estimate several times over, and `Vec` doubles: the
+    // body is held for every retry, so it is held at its length, not at twice that.
+    if out.capacity() > estimate {
+        out.shrink_to_fit();
+    }
     out
 }
 
@@ -170,12 +182,13 @@ impl<'a> Text<'a> {
                 out.push(b'"');
                 let start = out.len();
                 // Encoded in place, without a `String` of its own. The room is exactly
-                // the padded encoding, so this cannot fail.
-                out.resize(start + b.len().div_ceil(3) * 4, 0);
-                let n = base64::engine::general_purpose::STANDARD
-                    .encode_slice(b, &mut out[start..])
-                    .unwrap_or(0);
-                out.truncate(start + n);
+                // the padded encoding, so the encoding cannot fail.
+                let room = b.len().div_ceil(3) * 4;
+                out.resize(start + room, 0);
+                let n =
+                    base64::engine::general_purpose::STANDARD.encode_slice(b, &mut out[start..]);
+                debug_assert_eq!(n.as_ref().ok(), Some(&room));
+                out.truncate(start + n.unwrap_or(0));
                 out.push(b'"');
             }
         }
@@ -897,6 +910,52 @@ mod tests {
                 count: count.into(),
             }),
         ]
+    }
+
+    /// Shapes the property test's generators do not reach: large, deep and many.
+    #[test]
+    fn large_deep_and_many_render_byte_identical_to_the_serde_renderer() {
+        let deep = |n: usize| [vec![b'['; n], vec![b']'; n]].concat();
+        let values: Vec<Vec<u8>> = vec![
+            deep(200),
+            vec![0x01; 1 << 20],
+            vec![b'"'; 1 << 18],
+            b"\r\n\t {\"a\": [1, 2]}\t\r\n".to_vec(),
+            br#""\ud800""#.to_vec(),
+            b"1e99999".to_vec(),
+            b"\"".to_vec(),
+            (0..=255u8).cycle().take(1 << 16).collect(),
+        ];
+        let mut recs: Vec<Record> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Record::new(i as i64, None, Some(v), Some(v), &[(b"h", Some(v))]))
+            .collect();
+        // Many headers with repeats and binary names, and many tasks.
+        let many: Vec<(Vec<u8>, Vec<u8>)> = (0..500u32)
+            .map(|i| (vec![b'h', (i % 7) as u8 + 0x7e], i.to_string().into_bytes()))
+            .collect();
+        let h: Vec<(&[u8], Option<&[u8]>)> = many
+            .iter()
+            .map(|(k, v)| (k.as_slice(), Some(v.as_slice())))
+            .collect();
+        recs.push(Record::new(100, Some(1), None, Some(b"{}"), &h));
+        recs.extend((0..3000).map(|i| task(1000 + i, b"plain")));
+        let txn = ReadyTxn {
+            topic: "t\"".into(),
+            partition: i32::MIN,
+            id: "id\u{1}\\".into(),
+            commit_offset: i64::MIN,
+            first_offset: 0,
+            tasks: recs.into_iter().collect(),
+            marker: task(0, b""),
+            committed_at: Instant::now(),
+        };
+        let new = render_body(&txn, &names());
+        assert!(new == serde_reference::render_body_serde(&txn, &names()));
+        // Held at its length although 1 MiB of control characters escaped to 6 MiB.
+        assert!(new.len() > 6 << 20);
+        assert_eq!(new.capacity(), new.len());
     }
 
     proptest! {
