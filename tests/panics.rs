@@ -2,8 +2,8 @@
 //! nothing. The process stops with an error and commits no offset after the panic, so the
 //! next start replays from the last commit and delivers every transaction whole.
 //!
-//! Built only with `--features failpoints` (scripts/test passes it): a `fail` point in the
-//! state machine's staging panics on demand.
+//! Built only with `--features failpoints` (scripts/test passes it): `fail` points in the
+//! state machine's staging, a delivery worker and two shutdown steps panic on demand.
 
 mod common;
 
@@ -162,4 +162,65 @@ async fn panic_then_restart(readers: &str) {
         all.last().map(|g| g.id().to_string()),
         Some(format!("t{:02}", TXNS - 1))
     );
+}
+
+/// A shutdown step that panics (the final commit's thread, the consumer's close thread)
+/// ends the process with that error, not with success, and loses nothing: the next start
+/// delivers every transaction whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_step_that_panics_stops_with_its_error_and_a_restart_delivers_everything() {
+    let _serial = SERIAL.lock().await;
+    for (point, step) in [
+        ("drain::commit", "final offset commit"),
+        ("drain::close", "consumer's close"),
+    ] {
+        let kafka = Kafka::start(&[(T, 1), (DLQ, 1)]);
+        let app = RecordingApp::start().await;
+        let cfg = || config(&kafka.brokers, T, &app.url(), &[]);
+        produce(&kafka);
+        let first = txn_sidecar::start(cfg()).await.unwrap();
+        app.wait_accepted(TXNS, Duration::from_secs(30)).await;
+        fail::cfg(point, "1*panic").unwrap();
+        first.shutdown();
+        let ended = tokio::time::timeout(Duration::from_secs(20), first.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{point}: the sidecar did not stop"));
+        fail::cfg(point, "off").unwrap();
+        let err = ended.expect_err("a panicked shutdown step ended in success");
+        assert!(
+            err.to_string().contains(&format!("the {step} panicked")),
+            "{point}: {err}"
+        );
+        let before = app.accepted().len();
+        let second = txn_sidecar::start(cfg()).await.unwrap();
+        // Whatever the first run did not commit is delivered again; nothing is partial.
+        // Caught up when the group's offset reaches the log's end (3 records a txn).
+        wait_until(
+            Duration::from_secs(30),
+            "the second run committed to the end",
+            || kafka.committed("test-group", T, 0).0 == Some(3 * TXNS as i64),
+        )
+        .await;
+        second.shutdown();
+        second.wait().await.unwrap();
+        let all = app.accepted();
+        for g in &all {
+            let i: usize = g.id()[1..].parse().unwrap();
+            assert_eq!(
+                g.task_values(),
+                vec![
+                    serde_json::json!({"i": i}),
+                    serde_json::json!({"i": i, "second": true})
+                ],
+                "{point}: {} partial",
+                g.id()
+            );
+        }
+        // The second run replays a suffix of the first, in order, ending at the last.
+        let again: Vec<String> = all[before..].iter().map(|g| g.id().to_string()).collect();
+        let want: Vec<String> = (TXNS - again.len()..TXNS)
+            .map(|i| format!("t{i:02}"))
+            .collect();
+        assert_eq!(again, want, "{point}");
+    }
 }

@@ -2,6 +2,7 @@
 //! [`super::readers`], or here when they cannot run), runs the periodic work between polls (commits, expiry ticks, back-pressure, the admin
 //! snapshot), and drains on shutdown.
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -204,7 +205,7 @@ pub fn consume(
     let looped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         poll_loop(&consumer, &engine, &shutdown)
     }));
-    let result = looped.unwrap_or_else(|_| {
+    let mut result = looped.unwrap_or_else(|_| {
         error!("the consumer thread panicked; stopping without committing");
         Err(PipelineError::Panicked("consumer thread"))
     });
@@ -217,13 +218,28 @@ pub fn consume(
     // Nothing is staged from here on; the readers let go of the consumer.
     consumer.context().stop_readers();
     lock(&engine).drain(&consumer, deadline);
+    // A drain step that panics (a bug) is reported as the process's error, so the exit
+    // says what happened rather than 0.
+    let mut panicked = |step: &'static str| {
+        error!(
+            step,
+            "a shutdown step panicked; the next owner replays from the last committed offset"
+        );
+        if result.is_ok() {
+            result = Err(PipelineError::Panicked(step));
+        }
+    };
     let mut retry = match commit_within(&engine, &consumer, deadline) {
-        Some(retry) => retry,
-        None => {
+        Ok(retry) => retry,
+        Err(RecvTimeoutError::Timeout) => {
             warn!(
                 grace_ms = cfg.shutdown_grace.as_millis() as u64,
                 "the final offset commit got no answer within the shutdown grace (coordinator unreachable?); the next owner replays from the last committed offset"
             );
+            false
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            panicked("final offset commit");
             false
         }
     };
@@ -232,7 +248,14 @@ pub fn consume(
         // callbacks take) so librdkafka can rejoin, then commit under the new generation.
         // Records fetched meanwhile lie above the committed offset and are not staged.
         let _ = consumer.poll(Duration::from_millis(100));
-        retry = commit_within(&engine, &consumer, deadline).unwrap_or(false);
+        retry = match commit_within(&engine, &consumer, deadline) {
+            Ok(retry) => retry,
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => {
+                panicked("final offset commit");
+                false
+            }
+        };
         if !retry {
             info!(
                 waited_ms = drain_started.elapsed().as_millis() as u64,
@@ -247,14 +270,23 @@ pub fn consume(
     let closer = std::thread::Builder::new()
         .name("txn-sidecar-close".into())
         .spawn(move || {
+            // Nothing without the `failpoints` feature; tests/panics.rs panics here.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("drain::close");
             drop(consumer);
             let _ = done_tx.send(());
         });
     let close_deadline = deadline
         .saturating_duration_since(Instant::now())
         .max(CLOSE_MIN);
-    if closer.is_ok() && done_rx.recv_timeout(close_deadline).is_err() {
-        warn!(deadline_ms = close_deadline.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+    if closer.is_ok() {
+        match done_rx.recv_timeout(close_deadline) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                warn!(deadline_ms = close_deadline.as_millis() as u64, "could not leave the group in time (brokers unreachable?); the group evicts this member after its session timeout");
+            }
+            Err(RecvTimeoutError::Disconnected) => panicked("consumer's close"),
+        }
     }
     result
 }
@@ -319,24 +351,27 @@ fn poll_loop(
 }
 
 /// The final commit, on a thread of its own so that a coordinator that never answers
-/// cannot hold the process past `deadline`: `None` when it did not return in time (the
-/// thread is left behind; the process is exiting).
+/// cannot hold the process past `deadline`: whether to commit again after a rebalance,
+/// or `Timeout` when it did not return in time (the thread is left behind; the process
+/// is exiting) or could not be started, and `Disconnected` when it panicked.
 fn commit_within(
     engine: &Arc<Mutex<Engine>>,
     consumer: &Arc<BaseConsumer<SidecarContext>>,
     deadline: Instant,
-) -> Option<bool> {
+) -> Result<bool, RecvTimeoutError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let (engine, consumer) = (engine.clone(), consumer.clone());
     std::thread::Builder::new()
         .name("txn-sidecar-commit".into())
         .spawn(move || {
+            // Nothing without the `failpoints` feature; tests/panics.rs panics here.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("drain::commit");
             let retry = lock(&engine).final_commit(&consumer);
             let _ = tx.send(retry);
         })
-        .ok()?;
+        .map_err(|_| RecvTimeoutError::Timeout)?;
     rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        .ok()
 }
 
 /// Warns when a source topic's `cleanup.policy` includes `compact`: compaction keeps only
