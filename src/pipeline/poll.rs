@@ -148,9 +148,8 @@ impl Engine {
         caught
     }
 
-    /// Graceful stop: no new deliveries, in-flight ones get `shutdown_grace`, then commit.
-    /// Returns `true` to ask for [`Engine::final_commit`] again once the group's
-    /// rebalance has been served.
+    /// Graceful stop: no new deliveries; in-flight ones get `shutdown_grace`, less a
+    /// reserve for the final commit and leaving the group, which `consume` does next.
     fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, deadline: Instant) {
         self.shutting_down = true;
         self.back_pressure(consumer);
@@ -249,19 +248,20 @@ pub fn consume(
         // Records fetched meanwhile lie above the committed offset and are not staged.
         let _ = consumer.poll(Duration::from_millis(100));
         retry = match commit_within(&engine, &consumer, deadline) {
-            Ok(retry) => retry,
+            Ok(true) => true,
+            Ok(false) => {
+                info!(
+                    waited_ms = drain_started.elapsed().as_millis() as u64,
+                    "final offset commit accepted after the rebalance"
+                );
+                false
+            }
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => {
                 panicked("final offset commit");
                 false
             }
         };
-        if !retry {
-            info!(
-                waited_ms = drain_started.elapsed().as_millis() as u64,
-                "final offset commit accepted after the rebalance"
-            );
-        }
     }
     info!("leaving the consumer group");
     // Leaving needs a broker; with none reachable librdkafka's close waits out the
@@ -287,6 +287,18 @@ pub fn consume(
             }
             Err(RecvTimeoutError::Disconnected) => panicked("consumer's close"),
         }
+    }
+    // A panic that surfaced as "no answer in time" (a step that panicked after its
+    // deadline, or a revoke that panicked inside a close that then overran) still left
+    // the engine poisoned or tainted. `try_lock`: a close still running may hold it.
+    let tainted = match engine.try_lock() {
+        Ok(e) => e.tainted,
+        Err(std::sync::TryLockError::Poisoned(_)) => true,
+        Err(std::sync::TryLockError::WouldBlock) => false,
+    };
+    if tainted && result.is_ok() {
+        error!("a shutdown step panicked while it held the partitions' state; nothing was committed from it");
+        result = Err(PipelineError::Panicked("shutdown step"));
     }
     result
 }
@@ -364,10 +376,13 @@ fn commit_within(
     std::thread::Builder::new()
         .name("txn-sidecar-commit".into())
         .spawn(move || {
-            // Nothing without the `failpoints` feature; tests/panics.rs panics here.
+            let mut e = lock(&engine);
+            // Nothing without the `failpoints` feature; tests/panics.rs panics here, with
+            // the engine locked, as a panic inside the commit would.
             #[cfg(feature = "failpoints")]
             fail::fail_point!("drain::commit");
-            let retry = lock(&engine).final_commit(&consumer);
+            let retry = e.final_commit(&consumer);
+            drop(e);
             let _ = tx.send(retry);
         })
         .map_err(|_| RecvTimeoutError::Timeout)?;
