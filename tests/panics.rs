@@ -29,6 +29,21 @@ fn produce(kafka: &Kafka) {
 /// a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Asserts that `g` holds both tasks [`produce`] wrote for it; returns its number.
+fn assert_whole(g: &Got, context: &str) -> usize {
+    let i: usize = g.id()[1..].parse().unwrap();
+    assert_eq!(
+        g.task_values(),
+        vec![
+            serde_json::json!({"i": i}),
+            serde_json::json!({"i": i, "second": true})
+        ],
+        "{context}: {} partial",
+        g.id()
+    );
+    i
+}
+
 /// A fail point set for as long as this lives: switched off again even when a check
 /// fails first, so the next test does not inherit it.
 struct Armed(&'static str);
@@ -152,16 +167,7 @@ async fn panic_then_restart(readers: &str) {
     for (run, got) in [("first", &all[..before]), ("second", &all[before..])] {
         let mut prev: Option<usize> = None;
         for g in got {
-            let i: usize = g.id()[1..].parse().unwrap();
-            assert_eq!(
-                g.task_values(),
-                vec![
-                    serde_json::json!({"i": i}),
-                    serde_json::json!({"i": i, "second": true})
-                ],
-                "readers={readers}: {} partial in the {run} run",
-                g.id()
-            );
+            let i = assert_whole(g, &format!("readers={readers}, the {run} run"));
             assert!(
                 prev.is_none_or(|p| i == p + 1),
                 "readers={readers}: {} after t{prev:?} in the {run} run",
@@ -228,16 +234,7 @@ async fn a_shutdown_step_that_panics_stops_with_its_error_and_loses_nothing() {
         let want: Vec<String> = (0..TXNS).map(|i| format!("t{i:02}")).collect();
         assert_eq!(ids, want, "{point}");
         for g in &all {
-            let i: usize = g.id()[1..].parse().unwrap();
-            assert_eq!(
-                g.task_values(),
-                vec![
-                    serde_json::json!({"i": i}),
-                    serde_json::json!({"i": i, "second": true})
-                ],
-                "{point}: {} partial",
-                g.id()
-            );
+            assert_whole(g, point);
         }
     }
 }
